@@ -1,0 +1,5 @@
+import sys
+
+from avcl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+"""Command line: ``avcl run``, ``avcl list``, ``avcl report``.
+
+Bad input (unknown recipe or key, wrong type, missing data) ends with one line on stderr
+and exit code 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from avcl.errors import AvclError
+
+
+def _run(args) -> int:
+    from omegaconf import OmegaConf
+
+    from avcl.config import build_config, load_config, save_config
+    from avcl.engine.runner import execute
+    from avcl.eval.report import report
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.items or args.out:
+            raise AvclError("--resume continues a run with its saved config: give no recipe, overrides or --out")
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise AvclError(f"cannot resume: {config_path} not found (is {run_dir} a run directory?)")
+        cfg = build_config(OmegaConf.to_container(OmegaConf.load(config_path)))
+    else:
+        recipe = None
+        items = list(args.items)
+        if items and "=" not in items[0]:
+            recipe = items.pop(0)
+        cfg = load_config(recipe, items)
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (run_dir / "config.yaml").exists():
+            raise AvclError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    print(f"avcl: run '{cfg.name}' -> {run_dir}", file=sys.stderr)
+    execute(cfg, run_dir, data_root=args.data_root, show_progress=not args.quiet)
+    print(report(run_dir))
+    print(f"\nrun directory: {run_dir}")
+    return 0
+
+
+def _list(args) -> int:
+    from avcl.config import list_recipes
+    from avcl.data import DATASETS
+    from avcl.methods import METHODS
+
+    sections = [("recipes", list_recipes()),
+                ("methods", {n: c.description for n, c in sorted(METHODS.items())}),
+                ("datasets", {n: e.description for n, e in sorted(DATASETS.items())})]
+    for title, entries in sections:
+        print(f"{title}:")
+        width = max((len(n) for n in entries), default=0)
+        for name, description in entries.items():
+            print(f"  {name.ljust(width)}  {description}")
+    return 0
+
+
+def _report(args) -> int:
+    from avcl.eval.report import report
+    print(report(Path(args.run_dir)))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="avcl", description="Continual learning of audio-visual models.")
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe (default: avdigits) and print the results table")
+    run.add_argument("items", nargs="*", metavar="[RECIPE] [key=value ...]",
+                     help="a recipe name from recipes/ or a YAML path, then dotted overrides")
+    run.add_argument("--data-root", default=None,
+                     help="folder with the datasets (default: $AVCL_DATA_DIR, then ~/.cache/avcl)")
+    run.add_argument("--out", default=None, help="run directory (default: runs/<recipe>-<time>)")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+    lst = sub.add_parser("list", help="recipes, methods and datasets available")
+    lst.set_defaults(func=_list)
+    rep = sub.add_parser("report", help="print the results table of a run directory")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=_report)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AvclError as err:
+        print(f"avcl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        resume = getattr(args, "resume", None) or getattr(args, "out", None)
+        hint = f"; continue with: avcl run --resume {resume}" if resume else ""
+        print(f"avcl: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

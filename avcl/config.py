@@ -1,0 +1,211 @@
+"""Typed run configuration: a recipe YAML merged with ``key=value`` overrides.
+
+The schema is built from dataclasses: the common sections below, the options of the
+selected dataset (``data``) and the hyperparameters each method declares next to its code
+(``method_args.<method>``). OmegaConf checks names and types, so a typo or a wrong type
+ends in one message naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from avcl.errors import AvclError
+
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class ScenarioConfig:
+    num_tasks: int = 5
+    initial_classes: int = 0  # classes in the first task; 0 = equal split over num_tasks
+    class_order: Optional[List[int]] = None  # explicit order; None = see shuffle_classes
+    shuffle_classes: bool = True  # None order: a permutation seeded by `seed`, else natural order
+
+
+@dataclass
+class ModelConfig:
+    modalities: List[str] = field(default_factory=lambda: ["audio", "video"])
+    audio_encoder: str = "conv1d"
+    video_encoder: str = "conv"
+    fusion: str = "concat"  # concat | sum
+    embed_dim: int = 64  # width of each encoder's tokens
+    feature_dim: int = 128  # width of the fused feature fed to the classifier
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    replay_batch_size: int = 32  # memory samples added to each batch by replay methods
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    bf16: Optional[bool] = None  # bf16 autocast; None = on for CUDA, off elsewhere
+    num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
+
+
+@dataclass
+class MemoryConfig:
+    size: int = 200  # total exemplar budget, shared by all seen classes
+
+
+@dataclass
+class EvalConfig:
+    forgetting: str = "standard"  # standard | avcil (see avcl.eval.metrics)
+    batch_size: int = 256
+
+
+def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
+    """The run-config dataclass for one dataset and the registered methods."""
+    method_args = dataclasses.make_dataclass(
+        "MethodArgs",
+        [(name, hp, field(default_factory=hp)) for name, hp in sorted(method_hparams.items())])
+    return dataclasses.make_dataclass("RunConfig", [
+        ("name", str, field(default="run")),
+        ("description", str, field(default="")),
+        ("seed", int, field(default=0)),
+        ("methods", List[str], field(default_factory=lambda: ["finetune"])),
+        ("data", dataset_options, field(default_factory=dataset_options)),
+        ("scenario", ScenarioConfig, field(default_factory=ScenarioConfig)),
+        ("model", ModelConfig, field(default_factory=ModelConfig)),
+        ("train", TrainConfig, field(default_factory=TrainConfig)),
+        ("memory", MemoryConfig, field(default_factory=MemoryConfig)),
+        ("eval", EvalConfig, field(default_factory=EvalConfig)),
+        ("method_args", method_args, field(default_factory=method_args)),
+        # method -> metric -> ">=0.9" / "<=0.35": the numbers the recipe is expected to reach
+        ("expected", Dict[str, Dict[str, str]], field(default_factory=dict)),
+    ])
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get("AVCL_RECIPES_DIR", REPO_RECIPES))
+
+
+def list_recipes() -> dict[str, str]:
+    """Recipe name -> description, for ``avcl list``."""
+    found = {}
+    root = recipes_dir()
+    for path in sorted(root.rglob("*.yaml")):
+        raw = _read_yaml(path)
+        found[path.relative_to(root).with_suffix("").as_posix()] = str(raw.get("description", ""))
+    return found
+
+
+def resolve_recipe(recipe: str) -> Path:
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise AvclError(f"recipe file not found: {path}")
+        return path
+    candidate = recipes_dir() / f"{recipe}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(list_recipes()) or "none"
+        raise AvclError(f"unknown recipe '{recipe}' (known: {known}; or give a path to a .yaml file)")
+    return candidate
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise AvclError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise AvclError(f"{path}: a recipe must be a mapping of keys to values")
+    return raw
+
+
+def _load_recipe_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe with its ``base:`` chain merged underneath (a recipe may extend another)."""
+    if path in seen:
+        raise AvclError(f"{path}: 'base' recipes form a cycle")
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = resolve_recipe(base) if not str(base).endswith((".yaml", ".yml")) \
+        else (path.parent / base)
+    merged = OmegaConf.merge(_load_recipe_tree(base_path, seen + (path,)), raw)
+    return OmegaConf.to_container(merged)
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise AvclError(f"bad override '{item}': expected key=value, e.g. train.epochs=3")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise AvclError(f"bad override: {err}") from None
+
+
+def build_config(raw: dict | DictConfig, overrides: list[str] = ()) -> DictConfig:
+    """Validate ``raw`` (+ overrides) against the schema; returns a read-only DictConfig."""
+    from avcl.data import dataset_options
+    from avcl.methods import method_hparams
+
+    cli = parse_overrides(list(overrides))
+    data_name = OmegaConf.select(cli, "data.name") or OmegaConf.select(
+        OmegaConf.create(raw), "data.name") or "avdigits"
+    schema = OmegaConf.structured(_schema(dataset_options(data_name), method_hparams()))
+    try:
+        cfg = OmegaConf.merge(schema, raw, cli)
+    except OmegaConfBaseException as err:
+        raise AvclError(config_error_message(err)) from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def load_config(recipe: str | None, overrides: list[str] = ()) -> DictConfig:
+    raw = _load_recipe_tree(resolve_recipe(recipe or "avdigits"))
+    return build_config(raw, overrides)
+
+
+def config_error_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+    return f"bad config: {msg}" + (f" (key '{key}')" if key else "")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the schema's types cannot express: names that must exist, ranges, choices."""
+    from avcl.methods import METHODS
+
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise AvclError(f"unknown method(s) {unknown} in 'methods' (known: {', '.join(sorted(METHODS))})")
+    if not cfg.methods:
+        raise AvclError("'methods' is empty: name at least one method")
+    _choice("model.fusion", cfg.model.fusion, ("concat", "sum"))
+    _choice("train.optimizer", cfg.train.optimizer, ("adam", "sgd"))
+    _choice("eval.forgetting", cfg.eval.forgetting, ("standard", "avcil"))
+    bad = [m for m in cfg.model.modalities if m not in ("audio", "video")]
+    if bad or not cfg.model.modalities:
+        raise AvclError(f"bad config: model.modalities must be a non-empty subset of [audio, video], got {list(cfg.model.modalities)}")
+    for key in ("scenario.num_tasks", "train.epochs", "train.batch_size", "eval.batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise AvclError(f"bad config: '{key}' must be >= 1")
+    if cfg.memory.size < 0:
+        raise AvclError("bad config: 'memory.size' must be >= 0")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise AvclError(f"bad config: '{key}' must be one of {list(choices)}, got '{value}'")
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    from avcl.engine.checkpoint import atomic_write_text
+    atomic_write_text(path, OmegaConf.to_yaml(cfg))

@@ -1,0 +1,54 @@
+"""Datasets: each registered with its options dataclass and a builder returning an AVDataset."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from avcl.data.samples import Samples
+from avcl.errors import AvclError
+
+
+@dataclass
+class AVDataset:
+    """A labelled audio-visual dataset resident in memory, before the class-incremental split."""
+    name: str
+    train: Samples
+    val: Samples
+    test: Samples
+    class_names: list[str]
+    info: dict = field(default_factory=dict)  # provenance: sources, shapes, preprocessing
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class DatasetEntry:
+    options: type  # dataclass of the dataset's config keys (the `data:` section)
+    build: Callable  # (options, data_root: str | None, seed: int) -> AVDataset
+    description: str
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, options: type, description: str):
+    def wrap(build):
+        DATASETS[name] = DatasetEntry(options, build, description)
+        return build
+    return wrap
+
+
+def dataset_options(name: str) -> type:
+    if name not in DATASETS:
+        raise AvclError(f"unknown dataset '{name}' in 'data.name' (known: {', '.join(sorted(DATASETS))})")
+    return DATASETS[name].options
+
+
+def build_dataset(options, data_root: str | None, seed: int) -> AVDataset:
+    return DATASETS[options.name].build(options, data_root, seed)
+
+
+# Registration happens on import of each dataset module.
+from avcl.data import avdigits, synthetic  # noqa: E402,F401

@@ -1,0 +1,168 @@
+"""AV-Digits: real spoken digits (FSDD) paired with real handwritten digits (MNIST test set).
+
+Each sample is a short audio-visual clip of one digit class:
+
+* audio: one FSDD recording placed at a random offset inside a ``clip_seconds`` window,
+  as a Kaldi log-mel filterbank (frames x mel_bins), normalised with train-set statistics;
+* video: ``frames`` frames of a ``frame_size``-pixel canvas on which an MNIST digit of the
+  same class appears when the speech starts and then moves along a straight line, so the
+  frames carry temporal structure aligned with the audio.
+
+FSDD's official split gives the recordings (takes 0-4 test, 5-49 train); the MNIST test
+images of each class are split into disjoint train and test pools, so no image is shared
+between training and test clips. ``val_fraction`` of the training clips (per class) is held
+out as validation. Everything is deterministic given the seed. The built tensors are cached
+(keyed by the options, the seed and the source files) to skip the ~5 s of decoding next time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from avcl.data import AVDataset, register_dataset
+from avcl.data.audio import kaldi_fbank
+from avcl.errors import AvclError
+from avcl.data.sources import (FSDD_URL, MNIST_URLS, default_cache_dir, list_fsdd, load_mnist_test,
+                               locate_fsdd, locate_mnist, read_wav)
+
+FSDD_TEST_TAKES = 5  # official split: takes 0-4 are the test set
+
+
+@dataclass
+class AVDigitsOptions:
+    name: str = "avdigits"
+    download: bool = True  # fetch FSDD/MNIST into the cache when no local copy is found
+    fsdd_url: str = FSDD_URL
+    mnist_images_url: str = MNIST_URLS["t10k-images-idx3-ubyte.gz"]
+    mnist_labels_url: str = MNIST_URLS["t10k-labels-idx1-ubyte.gz"]
+    val_fraction: float = 0.1
+    clip_seconds: float = 1.0
+    mel_bins: int = 40
+    frame_shift_ms: float = 10.0
+    frames: int = 8
+    frame_size: int = 32
+    digit_size: int = 20  # MNIST digits are resized to this many pixels before pasting
+    cache: bool = True
+
+
+def _pair_images(labels: np.ndarray, pool: dict[int, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """An image index from ``pool[label]`` for every clip, without reuse while the pool lasts."""
+    chosen = np.empty(len(labels), dtype=np.int64)
+    for digit, candidates in pool.items():
+        where = np.flatnonzero(labels == digit)
+        order = rng.permutation(candidates)
+        chosen[where] = order[np.arange(len(where)) % len(order)]
+    return chosen
+
+
+def _render_video(digits: torch.Tensor, onset: np.ndarray, opts: AVDigitsOptions,
+                  rng: np.random.Generator) -> torch.Tensor:
+    """(N, T, S, S) uint8: each digit appears at its onset frame and moves in a straight line."""
+    n, size, room = len(digits), opts.frame_size, opts.frame_size - opts.digit_size
+    video = torch.zeros(n, opts.frames, size, size, dtype=torch.uint8)
+    start, end = rng.integers(0, room + 1, (n, 2)), rng.integers(0, room + 1, (n, 2))
+    for i in range(n):  # dataset construction only; training never loops over samples
+        visible = range(int(onset[i]), opts.frames)
+        for step, t in enumerate(visible):
+            frac = step / max(len(visible) - 1, 1)
+            y, x = np.rint(start[i] + frac * (end[i] - start[i])).astype(int)
+            video[i, t, y:y + opts.digit_size, x:x + opts.digit_size] = digits[i]
+    return video
+
+
+def _split_indices(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask choosing ``fraction`` of each class."""
+    mask = np.zeros(len(labels), dtype=bool)
+    for digit in np.unique(labels):
+        where = rng.permutation(np.flatnonzero(labels == digit))
+        mask[where[:int(round(fraction * len(where)))]] = True
+    return mask
+
+
+@register_dataset("avdigits", AVDigitsOptions,
+                  "AV-Digits: FSDD spoken digits + MNIST handwritten digits as short AV clips (real data)")
+def build_avdigits(opts: AVDigitsOptions, data_root: str | None, seed: int) -> AVDataset:
+    recordings_dir = locate_fsdd(data_root, download=opts.download, url=opts.fsdd_url)
+    mnist_dir = locate_mnist(data_root, download=opts.download, urls={
+        "t10k-images-idx3-ubyte.gz": opts.mnist_images_url,
+        "t10k-labels-idx1-ubyte.gz": opts.mnist_labels_url})
+    recordings = list_fsdd(recordings_dir)
+    key_source = json.dumps({**OmegaConf.to_container(OmegaConf.structured(opts)), "seed": seed, "files": len(recordings),
+                             "recordings": str(recordings_dir), "mnist": str(mnist_dir),
+                             "version": 1}, sort_keys=True)
+    cache_path = default_cache_dir() / "avdigits" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:16]}.pt"
+    if opts.cache and cache_path.is_file():
+        try:
+            return AVDataset(**torch.load(cache_path, weights_only=True))
+        except Exception:  # a stale or damaged cache entry is rebuilt, never trusted
+            pass
+    dataset = _build(opts, recordings, mnist_dir, seed)
+    if opts.cache:
+        from avcl.engine.checkpoint import atomic_torch_save
+        atomic_torch_save({"name": dataset.name, "train": dataset.train, "val": dataset.val,
+                           "test": dataset.test, "class_names": dataset.class_names,
+                           "info": dataset.info}, cache_path)
+    return dataset
+
+
+def _build(opts: AVDigitsOptions, recordings, mnist_dir, seed: int) -> AVDataset:
+    rng = np.random.default_rng(seed)
+    images, image_labels = load_mnist_test(mnist_dir)
+    labels = np.array([digit for _, digit, _, _ in recordings])
+    is_test = np.array([take < FSDD_TEST_TAKES for _, _, _, take in recordings])
+
+    # Disjoint MNIST pools: half of each class's images for training clips, half for test clips.
+    pools: dict[str, dict[int, np.ndarray]] = {"train": {}, "test": {}}
+    for digit in range(10):
+        where = rng.permutation(np.flatnonzero(image_labels == digit))
+        pools["train"][digit], pools["test"][digit] = where[:len(where) // 2], where[len(where) // 2:]
+    image_index = np.empty(len(recordings), dtype=np.int64)
+    for split, mask in (("train", ~is_test), ("test", is_test)):
+        image_index[mask] = _pair_images(labels[mask], pools[split], rng)
+
+    # Audio: place each recording at a random offset in the clip window, then filterbanks.
+    sample_rate = read_wav(recordings[0][0])[1]
+    window = int(round(opts.clip_seconds * sample_rate))
+    audio, onset = [], np.empty(len(recordings), dtype=np.int64)
+    for i, (path, *_rest) in enumerate(recordings):
+        wave, rate = read_wav(path)
+        if rate != sample_rate:
+            raise AvclError(f"{path}: sample rate {rate} Hz differs from the other recordings ({sample_rate} Hz)")
+        wave = wave[:window]
+        offset = int(rng.integers(0, window - len(wave) + 1))
+        clip = np.zeros(window, dtype=np.float32)
+        clip[offset:offset + len(wave)] = wave
+        audio.append(kaldi_fbank(clip, sample_rate, opts.mel_bins, opts.frame_shift_ms))
+        onset[i] = min(int(offset / window * opts.frames), opts.frames - 1)
+    audio = torch.from_numpy(np.stack(audio))
+
+    digits = torch.nn.functional.interpolate(
+        torch.from_numpy(images[image_index]).float()[:, None], size=opts.digit_size,
+        mode="area")[:, 0].round().clamp(0, 255).to(torch.uint8)
+    video = _render_video(digits, onset, opts, rng)
+
+    is_val = ~is_test & _split_indices(labels, opts.val_fraction, rng) if opts.val_fraction > 0 \
+        else np.zeros(len(labels), dtype=bool)
+    is_train = ~is_test & ~is_val
+    mean = audio[torch.from_numpy(is_train)].mean(dim=(0, 1))
+    std = audio[torch.from_numpy(is_train)].std(dim=(0, 1)).clamp_min(1e-5)
+    audio = (audio - mean) / std
+    label_tensor = torch.from_numpy(labels).long()
+
+    def split(mask: np.ndarray) -> dict[str, torch.Tensor]:
+        index = torch.from_numpy(np.flatnonzero(mask))
+        return {"audio": audio[index], "video": video[index], "label": label_tensor[index]}
+
+    return AVDataset(
+        name="avdigits", train=split(is_train), val=split(is_val), test=split(is_test),
+        class_names=[str(d) for d in range(10)],
+        info={"audio": f"FSDD v1.0.10, Kaldi fbank {opts.mel_bins} bins, {opts.frame_shift_ms} ms shift, "
+                       f"{opts.clip_seconds} s window, train-set normalisation",
+              "video": f"MNIST test images, {opts.frames} frames of {opts.frame_size}px",
+              "sample_rate": sample_rate, "counts": {"train": int(is_train.sum()), "val": int(is_val.sum()),
+                                                     "test": int(is_test.sum())}})

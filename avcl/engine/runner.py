@@ -1,0 +1,158 @@
+"""A run: every method of a recipe through the same scenario, with checkpoints and logs.
+
+Run directory::
+
+    config.yaml              resolved config (what --resume reads back)
+    events.jsonl             one JSON event per line (run/method/task/epoch start and end)
+    <method>/metrics.json    written after every task; "complete": true when the method is done
+    <method>/checkpoint.pt   after every task: model, method state (memory...), optimizer, RNG, metrics
+    <method>/accuracy_matrix.png, accuracy.png   plots
+
+A killed run resumes from each method's last checkpoint and reproduces the uninterrupted
+run's metrics (on CPU; wall-clock times aside).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from avcl.data import build_dataset
+from avcl.data.scenario import class_incremental
+from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
+                                    set_rng_state)
+from avcl.engine.trainer import Trainer, autocast_factory, pick_device
+from avcl.eval.evaluator import accuracy_per_task
+from avcl.eval.metrics import summarize
+from avcl.methods import METHODS
+from avcl.models import AVNet
+
+
+class EventLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, event: str, **fields) -> None:
+        line = json.dumps({"time": round(time.time(), 3), "event": event, **fields})
+        with open(self.path, "a") as handle:  # one short append per event; readers skip a torn last line
+            handle.write(line + "\n")
+
+
+def build_method(name: str, cfg: DictConfig, example) -> object:
+    cls = METHODS[name]
+    hparams = cls.Hparams(**OmegaConf.to_container(cfg.method_args[name]))
+    return cls(AVNet(cfg.model, example), hparams, cfg)
+
+
+def _metrics(name: str, record: dict, cfg: DictConfig, scenario, complete: bool) -> dict:
+    heads = {head: {"accuracy_matrix": r["matrix"], "step_accuracy": r["step"],
+                    **summarize(r["matrix"], r["step"], cfg.eval.forgetting)}
+             for head, r in record["heads"].items()}
+    return {"method": name, "complete": complete, "tasks_done": len(record["matrix"]),
+            "num_tasks": len(scenario.tasks),
+            "accuracy_matrix": record["matrix"], "step_accuracy": record["step"],
+            **summarize(record["matrix"], record["step"], cfg.eval.forgetting),
+            "val_accuracy": record["val"], "train_seconds": record["train_seconds"],
+            "task_seconds": record["task_seconds"], "class_order": scenario.class_order,
+            "heads": heads}
+
+
+def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLog,
+               device: torch.device, show_progress: bool = True) -> dict:
+    """Train and evaluate one method over all tasks, resuming from its checkpoint if present."""
+    out = run_dir / name
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path, ckpt_path = out / "metrics.json", out / "checkpoint.pt"
+    if metrics_path.is_file():
+        done = json.loads(metrics_path.read_text())
+        if done.get("complete"):
+            return done
+    seed_everything(cfg.seed)
+    method = build_method(name, cfg, scenario.tasks[0].train)
+    method.model.to(device)
+    record = {"matrix": [], "step": [], "val": [], "train_seconds": 0.0, "task_seconds": [], "heads": {}}
+    start_task = 0
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        method.model.head.grow(state["model"]["head.fc.weight"].shape[0])
+        method.model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+        record, start_task = state["record"], state["task"] + 1
+        set_rng_state(state["rng"])
+        log("method_resume", method=name, task=start_task)
+    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.bf16))
+    epochs = method.hp.epochs or cfg.train.epochs
+    interactive = show_progress and sys.stderr.isatty()
+    bar = tqdm(total=len(scenario.tasks) * epochs, initial=start_task * epochs, desc=f"{name:>8}",
+               disable=not interactive, leave=True, dynamic_ncols=True)
+    log("method_start", method=name, start_task=start_task)
+    for t in range(start_task, len(scenario.tasks)):
+        task = scenario.tasks[t]
+        log("task_start", method=name, task=t, classes=task.classes)
+        started = time.perf_counter()
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(task=t, loss=f"{loss:.3f}")
+            log("epoch_end", method=name, task=t, epoch=epoch, loss=loss)
+
+        optimizer = trainer.fit_task(method, task, on_epoch)
+        seconds = time.perf_counter() - started
+        seen = scenario.tasks[:t + 1]
+        method.model.eval()
+        evaluate = lambda predict, split="test": accuracy_per_task(  # noqa: E731
+            predict, seen, split, cfg.eval.batch_size, device, trainer.autocast)
+        per_task, overall = evaluate(method.predict)
+        record["matrix"].append(per_task)
+        record["step"].append(overall)
+        record["val"].append(evaluate(method.predict, "val")[1] if len(seen[0].val["label"]) else None)
+        for head, predict in method.extra_heads().items():
+            r = record["heads"].setdefault(head, {"matrix": [], "step": []})
+            head_per_task, head_overall = evaluate(predict)
+            r["matrix"].append(head_per_task)
+            r["step"].append(head_overall)
+        record["train_seconds"] += seconds
+        record["task_seconds"].append(seconds)
+        complete = t == len(scenario.tasks) - 1
+        atomic_torch_save({"task": t, "model": method.model.state_dict(), "method": method.state_dict(),
+                           "optimizer": optimizer.state_dict(), "rng": rng_state(), "record": record},
+                          ckpt_path)
+        metrics = _metrics(name, record, cfg, scenario, complete)
+        atomic_write_json(metrics_path, metrics)
+        log("task_end", method=name, task=t, accuracy=overall, per_task=per_task, seconds=round(seconds, 3))
+        bar.set_postfix(task=t, acc=f"{overall:.3f}")
+        if show_progress and not interactive:  # logs and CI: one line per task instead of a bar
+            print(f"{name}: task {t + 1}/{len(scenario.tasks)} accuracy {overall:.4f} ({seconds:.1f} s)",
+                  file=sys.stderr, flush=True)
+    bar.close()
+    log("method_end", method=name)
+    return json.loads(metrics_path.read_text())
+
+
+def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_progress: bool = True) -> dict:
+    """Run every method of ``cfg`` into ``run_dir``; returns method -> metrics."""
+    from avcl.eval.plots import plot_run
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = EventLog(run_dir / "events.jsonl")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = pick_device(cfg.train.device)
+    dataset = build_dataset(cfg.data, data_root, cfg.seed)
+    sc = cfg.scenario
+    scenario = class_incremental(dataset, sc.num_tasks, sc.initial_classes,
+                                 list(sc.class_order) if sc.class_order is not None else None,
+                                 sc.shuffle_classes, cfg.seed)
+    log("run_start", recipe=cfg.name, device=str(device), methods=list(cfg.methods),
+        tasks=[task.classes for task in scenario.tasks])
+    results = {}
+    for name in cfg.methods:
+        results[name] = run_method(name, cfg, scenario, run_dir, log, device, show_progress)
+        plot_run(run_dir, results)
+    log("run_end")
+    return results

@@ -1,0 +1,28 @@
+"""Evaluation after each task: accuracy on all seen tasks' data, no task id."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from avcl.data.samples import Samples, batches, concat
+
+
+@torch.no_grad()
+def accuracy_per_task(predict: Callable[[Samples], torch.Tensor], tasks: list, split: str,
+                      batch_size: int, device, autocast) -> tuple[list[float], float]:
+    """(accuracy on each seen task, accuracy on all of them pooled) for one prediction head."""
+    data = concat([getattr(task, split) for task in tasks])
+    correct = []
+    for batch in batches(data, batch_size):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast():
+            scores = predict(batch)
+        correct.append((scores.argmax(dim=1) == batch["label"]).cpu())
+    correct = torch.cat(correct).float()
+    labels = data["label"].cpu()
+    per_task = []
+    for task in tasks:
+        mask = (labels >= task.classes[0]) & (labels <= task.classes[-1])
+        per_task.append(float(correct[mask].mean()) if mask.any() else float("nan"))
+    return per_task, float(correct.mean())

@@ -1,0 +1,77 @@
+"""The results table of a run directory (finished or partial) and recipe expectation checks."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from avcl.errors import AvclError
+
+COLUMNS = (("average_incremental_accuracy", "avg inc acc"), ("last_accuracy", "last acc"),
+           ("forgetting", "forgetting"), ("bwt", "BWT"))
+
+
+def load_results(run_dir: Path) -> dict[str, dict]:
+    """method -> metrics.json content, in the order of the run's config when available."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AvclError(f"run directory not found: {run_dir}")
+    order = []
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        import yaml
+        order = list((yaml.safe_load(config.read_text()) or {}).get("methods", []))
+    found = {p.parent.name: p for p in run_dir.glob("*/metrics.json")}
+    if not found:
+        raise AvclError(f"{run_dir}: no <method>/metrics.json yet (not a run directory, or no task finished)")
+    results = {}
+    for name in order + sorted(set(found) - set(order)):
+        if name in found:
+            try:
+                results[name] = json.loads(found[name].read_text())
+            except json.JSONDecodeError as err:
+                raise AvclError(f"{found[name]}: not valid JSON ({err})") from None
+    return results
+
+
+def check_expected(expected: dict, results: dict[str, dict]) -> list[str]:
+    """One line per expectation of the recipe (e.g. joint last_accuracy >=0.90): ok / FAIL."""
+    lines = []
+    for method, wants in (expected or {}).items():
+        for key, want in wants.items():
+            match = re.fullmatch(r"\s*(>=|<=)\s*([-+0-9.eE]+)\s*", str(want))
+            got = results.get(method, {}).get(key)
+            if match is None or got is None:
+                lines.append(f"  ?    {method} {key} {want}: {'not run' if got is None else 'bad expectation'}")
+                continue
+            op, bound = match.group(1), float(match.group(2))
+            ok = got >= bound if op == ">=" else got <= bound
+            lines.append(f"  {'ok' if ok else 'FAIL':4} {method} {key} = {got:.4f} (expected {op} {bound})")
+    return lines
+
+
+def format_table(results: dict[str, dict]) -> str:
+    header = ["method"] + [title for _, title in COLUMNS] + ["train time", "tasks"]
+    rows = []
+    for name, m in results.items():
+        done = f"{m['tasks_done']}/{m['num_tasks']}" + ("" if m.get("complete") else " (partial)")
+        rows.append([name] + [f"{m[key]:.4f}" for key, _ in COLUMNS] + [f"{m['train_seconds']:.1f} s", done])
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def report(run_dir: Path) -> str:
+    import yaml
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    text = format_table(results)
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        cfg = yaml.safe_load(config.read_text()) or {}
+        variant = (cfg.get("eval") or {}).get("forgetting", "standard")
+        text += f"\nforgetting: {variant} variant; accuracies on the test data of all classes seen, no task id."
+        checks = check_expected(cfg.get("expected") or {}, results)
+        if checks:
+            text += "\nexpected (from the recipe):\n" + "\n".join(checks)
+    return text

@@ -1,0 +1,135 @@
+"""The learner contract every method implements (Mammoth-style: one small file per method).
+
+The engine calls, per task: ``before_task`` -> many ``training_loss`` steps -> ``after_task``,
+then evaluates with ``predict``. A method declares its hyperparameters as a dataclass
+(``Hparams``), which becomes the config section ``method_args.<name>``, and says how it
+uses memory with three class attributes:
+
+* ``memory_budget``: "config" (memory.size exemplars), "all" (keep everything: joint) or None;
+* ``selection``: how exemplars are chosen ("random" or "herding");
+* ``replay``: how memory joins training: "merge" (one dataset with the new task's data) or
+  "separate" (each batch of new data gets ``train.replay_batch_size`` memory samples).
+
+Batches carry a boolean ``from_memory`` field telling replayed samples apart.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avcl.data.samples import Samples
+from avcl.memory.buffer import ExemplarMemory
+from avcl.models import AVNet
+
+
+@dataclass
+class Hparams:
+    epochs: Optional[int] = None  # overrides train.epochs for this method
+    lr: Optional[float] = None  # overrides train.lr for this method
+
+
+class Method:
+    name = "base"
+    description = ""
+    Hparams = Hparams
+    memory_budget: Optional[str] = None
+    selection = "random"
+    replay = "merge"
+
+    def __init__(self, model: AVNet, hparams: Hparams, cfg):
+        self.model, self.hp, self.cfg = model, hparams, cfg
+        self.task_ranges: list[tuple[int, int]] = []  # [start, end) labels of each task seen
+        self.old_model: Optional[AVNet] = None
+        budget = {"config": cfg.memory.size, "all": None}.get(self.memory_budget)
+        self.memory = ExemplarMemory(budget, self.selection) if self.memory_budget else None
+
+    # ----- class bookkeeping -------------------------------------------------------------
+    @property
+    def seen_classes(self) -> int:
+        return self.task_ranges[-1][1] if self.task_ranges else 0
+
+    @property
+    def old_classes(self) -> int:
+        """Classes of the tasks before the current one."""
+        return self.task_ranges[-1][0] if self.task_ranges else 0
+
+    # ----- hooks ---------------------------------------------------------------------------
+    def before_task(self, task) -> None:
+        """Grow the classifier for the task's classes; keep a frozen copy of the model so far."""
+        self.old_model = self.frozen_copy() if self.task_ranges else None
+        self.task_ranges.append((self.seen_classes, self.seen_classes + len(task.classes)))
+        self.model.head.grow(self.seen_classes)
+
+    def training_loss(self, batch: Samples) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_task(self, task) -> None:
+        """Store exemplars of the task just learned (methods with memory)."""
+        if self.memory is not None:
+            self.memory.update(task.train, embed=self.embed_features)
+
+    @torch.no_grad()
+    def predict(self, batch: Samples) -> torch.Tensor:
+        """Scores over all seen classes (no task id): argmax is the prediction."""
+        return self.model(batch)["logits"][:, :self.seen_classes]
+
+    def extra_heads(self) -> dict:
+        """Other evaluation heads, name -> predict function (e.g. iCaRL's FC besides NME)."""
+        return {}
+
+    # ----- state (checkpointed after every task) ------------------------------------------
+    def state_dict(self) -> dict:
+        return {"task_ranges": self.task_ranges,
+                "memory": self.memory.state_dict() if self.memory is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.task_ranges = [tuple(r) for r in state["task_ranges"]]
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
+
+    # ----- helpers for subclasses ---------------------------------------------------------
+    def parameters(self):
+        return self.model.parameters()
+
+    def frozen_copy(self) -> AVNet:
+        old = copy.deepcopy(self.model).eval()
+        for p in old.parameters():
+            p.requires_grad_(False)
+        return old
+
+    @torch.no_grad()
+    def old_outputs(self, batch: Samples) -> dict[str, torch.Tensor]:
+        return self.old_model(batch)
+
+    @torch.no_grad()
+    def embed_features(self, samples: Samples) -> torch.Tensor:
+        """Fused features of ``samples`` in eval mode, batched."""
+        from avcl.data.samples import batches
+        was_training = self.model.training
+        self.model.eval()
+        feats = [self.model.embed(b)["features"].float() for b in batches(samples, self.cfg.eval.batch_size)]
+        self.model.train(was_training)
+        return torch.cat(feats)
+
+
+def distillation_kl(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: T^2 * KL(softmax(old/T) || softmax(new/T)), averaged over the batch."""
+    return F.kl_div(F.log_softmax(new_logits / temperature, dim=1),
+                    F.log_softmax(old_logits / temperature, dim=1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def taskwise_kd(new_logits: torch.Tensor, old_logits: torch.Tensor, task_ranges, temperature: float):
+    """SS-IL's task-wise KD: one softmax per old task, KL summed over tasks, mean over the batch."""
+    return sum(distillation_kl(new_logits[:, s:e], old_logits[:, s:e], temperature) for s, e in task_ranges)
+
+
+def reset_parameters(module: nn.Module) -> None:
+    for layer in module.modules():
+        if layer is not module and hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()

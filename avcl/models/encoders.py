@@ -1,0 +1,46 @@
+"""Encoders: audio spectrogram -> tokens (B, L, D); video frames -> tokens (B, T, P, D).
+
+Encoders keep tokens (time for audio; time and space for video) so that fusion modules can
+attend over them. Register a new encoder in the dicts at the bottom to make it selectable
+with ``model.audio_encoder=NAME`` / ``model.video_encoder=NAME``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AudioConv1d(nn.Module):
+    """1-D convolutions over time, mel bins as channels: (B, F, M) -> (B, F/4, D)."""
+
+    def __init__(self, input_shape: tuple[int, ...], dim: int):
+        super().__init__()
+        _, mel_bins = input_shape
+        self.net = nn.Sequential(
+            nn.Conv1d(mel_bins, dim, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv1d(dim, dim, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv1d(dim, dim, 3, padding=1), nn.ReLU())
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.net(audio.transpose(1, 2)).transpose(1, 2)
+
+
+class FrameConv(nn.Module):
+    """A small CNN applied to every frame: (B, T, H, W) uint8 -> (B, T, H/8 * W/8, D)."""
+
+    def __init__(self, input_shape: tuple[int, ...], dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, dim // 4, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(dim // 4, dim // 2, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1), nn.ReLU())
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        b, t, h, w = video.shape
+        frames = video.reshape(b * t, 1, h, w).float() / 255.0  # frames are stored as uint8
+        tokens = self.net(frames)  # (B*T, D, h', w')
+        return tokens.flatten(2).transpose(1, 2).reshape(b, t, -1, tokens.shape[1])
+
+
+AUDIO_ENCODERS = {"conv1d": AudioConv1d}
+VIDEO_ENCODERS = {"conv": FrameConv}
