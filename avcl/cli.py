@@ -18,7 +18,7 @@ def _run(args) -> int:
     from omegaconf import OmegaConf
 
     from avcl.config import build_config, load_config, save_config
-    from avcl.engine.runner import execute
+    from avcl.engine.runner import execute, make_scenario
     from avcl.eval.report import report
 
     if args.resume:
@@ -38,10 +38,12 @@ def _run(args) -> int:
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (run_dir / "config.yaml").exists():
             raise AvclError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
+    scenario = make_scenario(cfg, args.data_root)  # data problems surface before anything is written
+    if not args.resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     print(f"avcl: run '{cfg.name}' -> {run_dir}", file=sys.stderr)
-    execute(cfg, run_dir, data_root=args.data_root, show_progress=not args.quiet)
+    execute(cfg, run_dir, show_progress=not args.quiet, scenario=scenario)
     print(report(run_dir))
     print(f"\nrun directory: {run_dir}")
     return 0

@@ -94,7 +94,7 @@ def build_avdigits(opts: AVDigitsOptions, data_root: str | None, seed: int) -> A
     recordings = list_fsdd(recordings_dir)
     key_source = json.dumps({**OmegaConf.to_container(OmegaConf.structured(opts)), "seed": seed, "files": len(recordings),
                              "recordings": str(recordings_dir), "mnist": str(mnist_dir),
-                             "version": 1}, sort_keys=True)
+                             "version": 2}, sort_keys=True)
     cache_path = default_cache_dir() / "avdigits" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:16]}.pt"
     if opts.cache and cache_path.is_file():
         try:
@@ -146,8 +146,9 @@ def _build(opts: AVDigitsOptions, recordings, mnist_dir, seed: int) -> AVDataset
         mode="area")[:, 0].round().clamp(0, 255).to(torch.uint8)
     video = _render_video(digits, onset, opts, rng)
 
-    is_val = ~is_test & _split_indices(labels, opts.val_fraction, rng) if opts.val_fraction > 0 \
-        else np.zeros(len(labels), dtype=bool)
+    is_val = np.zeros(len(labels), dtype=bool)
+    train_rows = np.flatnonzero(~is_test)
+    is_val[train_rows[_split_indices(labels[train_rows], opts.val_fraction, rng)]] = True
     is_train = ~is_test & ~is_val
     mean = audio[torch.from_numpy(is_train)].mean(dim=(0, 1))
     std = audio[torch.from_numpy(is_train)].std(dim=(0, 1)).clamp_min(1e-5)
@@ -158,11 +159,16 @@ def _build(opts: AVDigitsOptions, recordings, mnist_dir, seed: int) -> AVDataset
         index = torch.from_numpy(np.flatnonzero(mask))
         return {"audio": audio[index], "video": video[index], "label": label_tensor[index]}
 
+    masks = {"train": is_train, "val": is_val, "test": is_test}
     return AVDataset(
         name="avdigits", train=split(is_train), val=split(is_val), test=split(is_test),
         class_names=[str(d) for d in range(10)],
         info={"audio": f"FSDD v1.0.10, Kaldi fbank {opts.mel_bins} bins, {opts.frame_shift_ms} ms shift, "
                        f"{opts.clip_seconds} s window, train-set normalisation",
               "video": f"MNIST test images, {opts.frames} frames of {opts.frame_size}px",
-              "sample_rate": sample_rate, "counts": {"train": int(is_train.sum()), "val": int(is_val.sum()),
-                                                     "test": int(is_test.sum())}})
+              "sample_rate": sample_rate,
+              "counts": {"train": int(is_train.sum()), "val": int(is_val.sum()), "test": int(is_test.sum())},
+              # provenance of every clip, so the disjointness of the splits can be checked
+              "mnist_index": {name: image_index[mask].tolist() for name, mask in masks.items()},
+              "fsdd_file": {name: [recordings[i][0].name for i in np.flatnonzero(mask)]
+                            for name, mask in masks.items()}})

@@ -26,7 +26,7 @@ class SyntheticOptions:
     frames: int = 4
     frame_size: int = 16
     audio_noise: float = 2.0  # noise std relative to a unit-variance prototype
-    video_noise: float = 1.6
+    video_noise: float = 2.6
 
 
 def _audio_prototypes(opts: SyntheticOptions, gen: torch.Generator) -> torch.Tensor:

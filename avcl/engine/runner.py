@@ -36,10 +36,14 @@ from avcl.models import AVNet
 class EventLog:
     def __init__(self, path: Path):
         self.path = path
+        if path.is_file():  # a killed run may have left a torn last line: drop it before appending
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                path.write_bytes(data[:data.rfind(b"\n") + 1])
 
     def __call__(self, event: str, **fields) -> None:
         line = json.dumps({"time": round(time.time(), 3), "event": event, **fields})
-        with open(self.path, "a") as handle:  # one short append per event; readers skip a torn last line
+        with open(self.path, "a") as handle:  # one short append per event; a torn last line is dropped on resume
             handle.write(line + "\n")
 
 
@@ -134,20 +138,27 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
     return json.loads(metrics_path.read_text())
 
 
-def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_progress: bool = True) -> dict:
+def make_scenario(cfg: DictConfig, data_root: str | None = None):
+    """Build the dataset and split it into tasks (raises AvclError on missing or bad data)."""
+    dataset = build_dataset(cfg.data, data_root, cfg.seed)
+    sc = cfg.scenario
+    return class_incremental(dataset, sc.num_tasks, sc.initial_classes,
+                             list(sc.class_order) if sc.class_order is not None else None,
+                             sc.shuffle_classes, cfg.seed)
+
+
+def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_progress: bool = True,
+            scenario=None) -> dict:
     """Run every method of ``cfg`` into ``run_dir``; returns method -> metrics."""
     from avcl.eval.plots import plot_run
 
+    if scenario is None:
+        scenario = make_scenario(cfg, data_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = EventLog(run_dir / "events.jsonl")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
-    dataset = build_dataset(cfg.data, data_root, cfg.seed)
-    sc = cfg.scenario
-    scenario = class_incremental(dataset, sc.num_tasks, sc.initial_classes,
-                                 list(sc.class_order) if sc.class_order is not None else None,
-                                 sc.shuffle_classes, cfg.seed)
     log("run_start", recipe=cfg.name, device=str(device), methods=list(cfg.methods),
         tasks=[task.classes for task in scenario.tasks])
     results = {}

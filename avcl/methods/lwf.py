@@ -1,22 +1,31 @@
 """LwF (Li & Hoiem, 2016) for class-incremental learning, no memory.
 
-Cross-entropy over all seen classes on the current data, plus knowledge distillation
-(temperature ``temperature``, weight ``alpha``) from the previous model's old-class logits.
-Deviation from the paper (which has task heads): one shared head, KD over its old rows,
-as in FACIL's and PyCIL's class-incremental LwF.
+Loss on the current task's data: a cross-entropy term plus ``alpha`` x knowledge distillation
+(temperature ``temperature``) from the previous model's old-class logits. Two choices, each
+switchable, because implementations differ:
+
+* ``ce``: "new" (default) = CE over the new task's logits only, with the label shifted into
+  that range, as AV-CIL's LwF baseline does; "all" = CE over all seen classes (FACIL, PyCIL).
+* ``kd``: "taskwise" (default) = one softmax per old task (SS-IL's task-wise KD, as AV-CIL's
+  LwF); "global" = one softmax over all old classes (FACIL, PyCIL).
+
+Deviation from the paper, which has a head per task: one shared, growing head.
 """
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 
+from avcl.errors import AvclError
 from avcl.methods import register
-from avcl.methods.base import Hparams, Method, distillation_kl
+from avcl.methods.base import Hparams, Method, distillation_kl, taskwise_kd
 
 
 @dataclass
 class LwFHparams(Hparams):
     alpha: float = 1.0
     temperature: float = 2.0
+    ce: str = "new"  # new | all
+    kd: str = "taskwise"  # taskwise | global
 
 
 @register
@@ -25,10 +34,24 @@ class LwF(Method):
     description = "Learning without Forgetting: logit distillation from the previous model, no memory"
     Hparams = LwFHparams
 
+    def __init__(self, model, hparams, cfg):
+        super().__init__(model, hparams, cfg)
+        if hparams.ce not in ("new", "all") or hparams.kd not in ("taskwise", "global"):
+            raise AvclError("method_args.lwf: 'ce' must be new|all and 'kd' taskwise|global, "
+                            f"got ce={hparams.ce!r} kd={hparams.kd!r}")
+
     def training_loss(self, batch):
-        logits = self.model(batch)["logits"]
-        loss = F.cross_entropy(logits, batch["label"])
-        if self.old_model is not None:
-            old = self.old_outputs(batch)["logits"]
-            loss = loss + self.hp.alpha * distillation_kl(logits[:, :self.old_classes], old, self.hp.temperature)
-        return loss
+        logits, labels = self.model(batch)["logits"], batch["label"]
+        if self.old_model is None:
+            return F.cross_entropy(logits, labels)
+        old_count = self.old_classes
+        if self.hp.ce == "new":
+            loss = F.cross_entropy(logits[:, old_count:], labels - old_count)
+        else:
+            loss = F.cross_entropy(logits, labels)
+        old = self.old_outputs(batch)["logits"]
+        if self.hp.kd == "taskwise":
+            kd = taskwise_kd(logits, old, self.task_ranges[:-1], self.hp.temperature)
+        else:
+            kd = distillation_kl(logits[:, :old_count], old, self.hp.temperature)
+        return loss + self.hp.alpha * kd

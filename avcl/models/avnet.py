@@ -15,10 +15,10 @@ class TokenPool(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.ReLU())
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.mlp(tokens).flatten(1, -2).mean(dim=1)
+        return self.mlp(tokens).flatten(1, -2).amax(dim=1)
 
 
 class Fusion(nn.Module):

@@ -17,9 +17,9 @@ class AudioConv1d(nn.Module):
         super().__init__()
         _, mel_bins = input_shape
         self.net = nn.Sequential(
-            nn.Conv1d(mel_bins, dim, 5, stride=2, padding=2), nn.ReLU(),
-            nn.Conv1d(dim, dim, 5, stride=2, padding=2), nn.ReLU(),
-            nn.Conv1d(dim, dim, 3, padding=1), nn.ReLU())
+            nn.Conv1d(mel_bins, dim, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv1d(dim, dim, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv1d(dim, dim, 3, padding=1), nn.GELU())
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         return self.net(audio.transpose(1, 2)).transpose(1, 2)
