@@ -52,7 +52,7 @@ def test_run_writes_the_run_directory_and_report_reads_it(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| finetune" in result.stdout and "| er" in result.stdout
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["seed"] == 3 and config["train"]["epochs"] == 5 and config["methods"] == ["finetune", "er"]
+    assert config["seed"] == 3 and config["train"]["epochs"] == 15 and config["methods"] == ["finetune", "er"]
     for method in ("finetune", "er"):
         metrics = json.loads((out / method / "metrics.json").read_text())
         for key in ("accuracy_matrix", "average_incremental_accuracy", "last_accuracy", "forgetting", "bwt",
