@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from avcl.data import AVDataset, register_dataset
 from avcl.data.audio import kaldi_fbank
@@ -129,7 +130,8 @@ def _build(opts: AVDigitsOptions, recordings, mnist_dir, seed: int) -> AVDataset
     sample_rate = read_wav(recordings[0][0])[1]
     window = int(round(opts.clip_seconds * sample_rate))
     audio, onset = [], np.empty(len(recordings), dtype=np.int64)
-    for i, (path, *_rest) in enumerate(recordings):
+    for i, (path, *_rest) in enumerate(tqdm(recordings, desc="AV-Digits: filterbanks", unit="clip",
+                                            disable=None, leave=False)):
         wave, rate = read_wav(path)
         if rate != sample_rate:
             raise AvclError(f"{path}: sample rate {rate} Hz differs from the other recordings ({sample_rate} Hz)")
