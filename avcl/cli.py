@@ -88,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the results table of a run directory")
     rep.add_argument("run_dir")
     rep.set_defaults(func=_report)
+    from avcl.commands import register_all
+    register_all(sub)
     return top
 
 

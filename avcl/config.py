@@ -32,6 +32,7 @@ class ScenarioConfig:
 
 @dataclass
 class ModelConfig:
+    name: str = "avnet"  # a key of avcl.models.MODELS
     modalities: List[str] = field(default_factory=lambda: ["audio", "video"])
     audio_encoder: str = "conv1d"
     video_encoder: str = "conv"

@@ -50,5 +50,12 @@ def build_dataset(options, data_root: str | None, seed: int) -> AVDataset:
     return DATASETS[options.name].build(options, data_root, seed)
 
 
-# Registration happens on import of each dataset module.
-from avcl.data import avdigits, synthetic  # noqa: E402,F401
+def _import_all() -> None:
+    """Dataset modules register themselves on import; import every module of this package."""
+    import importlib
+    import pkgutil
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_all()

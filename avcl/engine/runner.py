@@ -30,7 +30,7 @@ from avcl.engine.trainer import Trainer, autocast_factory, pick_device
 from avcl.eval.evaluator import accuracy_per_task
 from avcl.eval.metrics import summarize
 from avcl.methods import METHODS
-from avcl.models import AVNet
+from avcl.models import build_model
 
 
 class EventLog:
@@ -50,7 +50,7 @@ class EventLog:
 def build_method(name: str, cfg: DictConfig, example) -> object:
     cls = METHODS[name]
     hparams = cls.Hparams(**OmegaConf.to_container(cfg.method_args[name]))
-    return cls(AVNet(cfg.model, example), hparams, cfg)
+    return cls(build_model(cfg.model, example), hparams, cfg)
 
 
 def _metrics(name: str, record: dict, cfg: DictConfig, scenario, complete: bool) -> dict:

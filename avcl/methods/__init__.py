@@ -15,4 +15,13 @@ def method_hparams() -> dict[str, type]:
     return {name: cls.Hparams for name, cls in METHODS.items()}
 
 
-from avcl.methods import er, ewc, finetune, icarl, joint, lwf, ssil  # noqa: E402,F401
+def _import_all() -> None:
+    """Every module of this package registers its methods on import."""
+    import importlib
+    import pkgutil
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_all()
