@@ -39,6 +39,9 @@ class ModelConfig:
     fusion: str = "concat"  # concat | sum
     embed_dim: int = 64  # width of each encoder's tokens
     feature_dim: int = 128  # width of the fused feature fed to the classifier
+    # model "avcil" only (avcl/models/avcil.py):
+    visual_grid: List[int] = field(default_factory=lambda: [8, 196])  # [T, P] of the video tokens
+    encoders: str = "none"  # none: inputs are features | builtin: raw clips through the encoders above
 
 
 @dataclass
@@ -53,6 +56,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     bf16: Optional[bool] = None  # bf16 autocast; None = on for CUDA, off elsewhere
     num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
+    # which epoch's weights a task ends with: last | best_val (highest accuracy on the val data
+    # of all seen classes, evaluated after every epoch; AV-CIL's official checkpoint selection)
+    model_selection: str = "last"
 
 
 @dataclass
@@ -83,6 +89,9 @@ def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
         ("memory", MemoryConfig, field(default_factory=MemoryConfig)),
         ("eval", EvalConfig, field(default_factory=EvalConfig)),
         ("method_args", method_args, field(default_factory=method_args)),
+        # named variants of a method, usable in `methods` like a method: e.g. for an ablation
+        # `had-no-ham: {method: had, ham: false}` (the other keys override method_args.<method>)
+        ("variants", Dict[str, Dict[str, Any]], field(default_factory=dict)),
         # method -> metric -> ">=0.9" / "<=0.35": the numbers the recipe is expected to reach
         ("expected", Dict[str, Dict[str, str]], field(default_factory=dict)),
     ])
@@ -184,9 +193,12 @@ def validate(cfg: DictConfig) -> None:
     """Checks the schema's types cannot express: names that must exist, ranges, choices."""
     from avcl.methods import METHODS
 
-    unknown = [m for m in cfg.methods if m not in METHODS]
+    for name in cfg.variants:
+        method_hparams_for(cfg, name)  # checks the variant's base method, keys and types
+    unknown = [m for m in cfg.methods if m not in METHODS and m not in cfg.variants]
     if unknown:
-        raise AvclError(f"unknown method(s) {unknown} in 'methods' (known: {', '.join(sorted(METHODS))})")
+        raise AvclError(f"unknown method(s) {unknown} in 'methods' (known: {', '.join(sorted(METHODS))}; "
+                        "or define a variant under 'variants')")
     if not cfg.methods:
         raise AvclError("'methods' is empty: name at least one method")
     _choice("model.fusion", cfg.model.fusion, ("concat", "sum"))
@@ -200,6 +212,26 @@ def validate(cfg: DictConfig) -> None:
             raise AvclError(f"bad config: '{key}' must be >= 1")
     if cfg.memory.size < 0:
         raise AvclError("bad config: 'memory.size' must be >= 0")
+
+
+def method_hparams_for(cfg: DictConfig, name: str):
+    """(method class, its Hparams instance) for a method or a variant named in ``cfg.variants``."""
+    from avcl.methods import METHODS
+
+    overrides = {}
+    base = name
+    if name in cfg.variants:
+        overrides = dict(OmegaConf.to_container(cfg.variants[name]))
+        base = overrides.pop("method", None)
+        if base not in METHODS:
+            raise AvclError(f"variants.{name}.method must name a method (known: {', '.join(sorted(METHODS))}), "
+                            f"got {base!r}")
+    cls = METHODS[base]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls.Hparams), cfg.method_args[base], overrides)
+    except OmegaConfBaseException as err:
+        raise AvclError(f"variants.{name}: {config_error_message(err)}") from None
+    return cls, cls.Hparams(**OmegaConf.to_container(merged))
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

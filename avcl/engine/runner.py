@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from avcl.config import method_hparams_for
 from avcl.data import build_dataset
 from avcl.data.scenario import class_incremental
 from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
@@ -29,7 +30,6 @@ from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_st
 from avcl.engine.trainer import Trainer, autocast_factory, pick_device
 from avcl.eval.evaluator import accuracy_per_task
 from avcl.eval.metrics import summarize
-from avcl.methods import METHODS
 from avcl.models import build_model
 
 
@@ -48,8 +48,8 @@ class EventLog:
 
 
 def build_method(name: str, cfg: DictConfig, example) -> object:
-    cls = METHODS[name]
-    hparams = cls.Hparams(**OmegaConf.to_container(cfg.method_args[name]))
+    """The method (or variant) ``name`` with its hyperparameters and a fresh model."""
+    cls, hparams = method_hparams_for(cfg, name)
     return cls(build_model(cfg.model, example), hparams, cfg)
 
 
