@@ -24,4 +24,14 @@ def build_model(model_cfg, example):
     return MODELS[model_cfg.name](model_cfg, example)
 
 
+def _import_all() -> None:
+    """Model modules register themselves on import; import every module of this package."""
+    import importlib
+    import pkgutil
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_all()
+
 __all__ = ["AVNet", "IncrementalClassifier", "MODELS", "register_model", "build_model"]

@@ -1,0 +1,160 @@
+"""HAD (reconstructed): Hierarchical Augmentation and Distillation (Zuo et al., TPAMI 2024).
+
+HAD has no public code and its full text was not available: what is known comes from the
+abstract (see docs/had.md and specs/had_and_avcil_paper_notes.md part 1). Known: exemplar
+memory, no task id; HAM, a *segmental feature augmentation* of stored past data at both
+model levels; HDM, *logical* distillation at video and distribution level (with class
+"proxies") and *correlative* distillation at snippet and video level. Everything else below
+is OUR reconstruction, each piece switchable:
+
+* HAM (``ham``): for replayed exemplars, add Gaussian noise independently to every snippet
+  (segment = snippet), scaled by ``ham_strength`` x the class's per-dimension feature std
+  measured when the class was learned, at the low level (per-modality snippet embeddings)
+  and/or the snippet level (fused snippet embeddings), as ``ham_levels`` says. Labels kept.
+* video-level logical distillation (``video_kd``): KD (T = ``temperature``) on old-class logits.
+* distribution-level logical distillation (``distribution_kd``): proxies = normalised mean
+  old-model video embedding of each old class over memory; KL between the old and new
+  softmax(cos(z, proxies) / ``proxy_temperature``).
+* snippet- and video-level correlative distillation (``snippet_relation``, ``video_relation``):
+  KL between the old and new row-softmax(cosine-similarity matrix / ``relation_temperature``)
+  of all snippets (B*N x B*N) and of all videos (B x B) of the batch.
+* loss = CE over all seen classes (current data + augmented replay) + the weighted terms;
+  the old model sees the exemplars un-augmented. Random exemplars, replayed as a separate batch.
+All weights are ours (the paper's are unknown).
+"""
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from avcl.data.samples import batches
+from avcl.errors import AvclError
+from avcl.methods import register
+from avcl.methods.base import Hparams, Method, distillation_kl
+
+HAM_LEVELS = ("low", "snippet")
+
+
+@dataclass
+class HADHparams(Hparams):
+    ham: bool = True
+    ham_strength: float = 0.5
+    ham_levels: List[str] = field(default_factory=lambda: ["low", "snippet"])
+    video_kd: float = 1.0
+    distribution_kd: float = 1.0
+    snippet_relation: float = 1.0
+    video_relation: float = 1.0
+    temperature: float = 2.0
+    proxy_temperature: float = 0.1
+    relation_temperature: float = 0.1
+
+
+def relation_kd(new: torch.Tensor, old: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL between row-softmaxed cosine-similarity matrices of old and new embeddings (rows = samples)."""
+    def logits(x):
+        x = F.normalize(x.float(), dim=1)
+        return x @ x.T / temperature
+    return F.kl_div(F.log_softmax(logits(new), dim=1), F.log_softmax(logits(old), dim=1),
+                    reduction="batchmean", log_target=True)
+
+
+def proxy_kd(new: torch.Tensor, old: torch.Tensor, proxies: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL between old and new softmax over cosine similarities to the class proxies."""
+    def logits(z):
+        return F.normalize(z.float(), dim=1) @ proxies.T / temperature
+    return F.kl_div(F.log_softmax(logits(new), dim=1), F.log_softmax(logits(old), dim=1),
+                    reduction="batchmean", log_target=True)
+
+
+def segmental_noise(x: torch.Tensor, rows: torch.Tensor, std: torch.Tensor, strength: float) -> torch.Tensor:
+    """x (B, N, D): rows where ``rows`` is True get independent noise per snippet, scaled by ``std`` (B, D)."""
+    noise = torch.randn_like(x) * (strength * std)[:, None, :]
+    return x + noise * rows.to(x.dtype)[:, None, None]
+
+
+@register
+class HAD(Method):
+    name = "had"
+    description = "HAD (reconstructed): segmental feature augmentation + hierarchical distillation"
+    Hparams = HADHparams
+    memory_budget = "config"
+    selection = "random"
+    replay = "separate"
+
+    def __init__(self, model, hparams, cfg):
+        super().__init__(model, hparams, cfg)
+        if not hasattr(model, "low_level"):
+            raise AvclError("method 'had' needs the hierarchical model: set model.name=had")
+        bad = [level for level in hparams.ham_levels if level not in HAM_LEVELS]
+        if bad:
+            raise AvclError(f"method_args.had.ham_levels: unknown level(s) {bad} (known: {list(HAM_LEVELS)})")
+        self.class_std: dict[str, torch.Tensor] = {}  # "low:<modality>" / "snippet" -> (classes, D)
+        self.proxies = torch.empty(0)
+
+    def before_task(self, task):
+        super().before_task(task)
+        if self.old_model is not None and len(self.memory):
+            memory = self.memory.samples
+            z = torch.cat([self.old_model.embed(b)["features"].float() for b in batches(memory, self.cfg.eval.batch_size)])
+            sums = torch.zeros(self.old_classes, z.shape[1], device=z.device).index_add_(0, memory["label"], z)
+            self.proxies = F.normalize(sums, dim=1)
+
+    def _augment(self, x, key, batch):
+        if not self.hp.ham or key not in self.class_std:
+            return x
+        rows = batch["from_memory"]
+        std = self.class_std[key].to(x.device)[batch["label"].clamp(max=len(self.class_std[key]) - 1)]
+        return segmental_noise(x, rows, std, self.hp.ham_strength)
+
+    def training_loss(self, batch):
+        model, hp = self.model, self.hp
+        low = model.low_level(batch)
+        if "low" in hp.ham_levels:
+            low = {m: self._augment(e, f"low:{m}", batch) for m, e in low.items()}
+        snippets = model.snippet_level(low)
+        if "snippet" in hp.ham_levels:
+            snippets = self._augment(snippets, "snippet", batch)
+        z = model.video_level(snippets)
+        logits = model.head(z)
+        loss = F.cross_entropy(logits, batch["label"])
+        if self.old_model is None:
+            return loss
+        with torch.no_grad():
+            old = self.old_model(batch)
+        if hp.video_kd:
+            loss = loss + hp.video_kd * distillation_kl(logits[:, :self.old_classes], old["logits"], hp.temperature)
+        if hp.distribution_kd and len(self.proxies):
+            loss = loss + hp.distribution_kd * proxy_kd(z, old["features"], self.proxies, hp.proxy_temperature)
+        if hp.snippet_relation:
+            loss = loss + hp.snippet_relation * relation_kd(snippets.flatten(0, 1), old["snippets"].flatten(0, 1),
+                                                            hp.relation_temperature)
+        if hp.video_relation:
+            loss = loss + hp.video_relation * relation_kd(z, old["features"], hp.relation_temperature)
+        return loss
+
+    @torch.no_grad()
+    def after_task(self, task):
+        super().after_task(task)
+        # Per-class feature spread at both levels, measured now, for HAM in later tasks.
+        was_training = self.model.training
+        self.model.eval()
+        outs = [self.model.embed(b) for b in batches(task.train, self.cfg.eval.batch_size)]
+        self.model.train(was_training)
+        labels = task.train["label"]
+        keys = {f"low:{m}": m for m in self.model.modalities} | {"snippet": "snippets"}
+        for key, field_name in keys.items():
+            values = torch.cat([o[field_name].float() for o in outs])  # (n, N, D)
+            std = torch.zeros(self.seen_classes, values.shape[-1], device=values.device)
+            if key in self.class_std:
+                std[:len(self.class_std[key])] = self.class_std[key].to(std.device)
+            for c in task.classes:
+                std[c] = values[labels == c].flatten(0, 1).std(dim=0)
+            self.class_std[key] = std
+
+    def state_dict(self):
+        return {**super().state_dict(), "class_std": self.class_std}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.class_std = state["class_std"]
