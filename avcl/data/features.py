@@ -9,6 +9,7 @@ class is held out (seeded).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -31,45 +32,73 @@ class FeaturesOptions:
     require_complete: bool = True  # refuse a store whose extraction has not finished
 
 
-@register_dataset("features", FeaturesOptions, "a feature store written by avcl extract / convert-features")
-def build_features(opts: FeaturesOptions, data_root: str | None, seed: int) -> AVDataset:
-    if not opts.store:
+def resolve_store(path: str, data_root: str | None, require_complete: bool):
+    """Open a store; a relative path is looked up under the data root first ($AVCL_DATA_DIR)."""
+    from avcl.data.sources import data_roots
+    if not path:
         raise AvclError("data.store is empty: give the path of a feature store (data.store=PATH.h5)")
-    if opts.dtype not in DTYPES:
-        raise AvclError(f"data.dtype must be one of {sorted(DTYPES)}, got '{opts.dtype}'")
-    store = open_store(opts.store)
-    if opts.require_complete and not store.complete:
+    candidates = [root / path for root in data_roots(data_root)] if not Path(path).is_absolute() else []
+    found = next((c for c in candidates if c.is_file()), Path(path))
+    store = open_store(found)
+    if require_complete and not store.complete:
         raise AvclError(f"{store.path}: extraction has not finished (resume it, or set data.require_complete=false)")
-    fields = list(opts.fields) if opts.fields is not None else sorted(store.fields)
+    return store
+
+
+def check_fields(store, fields: list[str] | None) -> list[str]:
+    fields = list(fields) if fields is not None else sorted(store.fields)
     unknown = [f for f in fields if f not in store.fields]
     if unknown:
         raise AvclError(f"{store.path}: no field(s) {unknown} (fields: {sorted(store.fields)})")
+    return fields
+
+
+def stratified_pick(labels: np.ndarray, candidates: np.ndarray, fraction: float, rng) -> np.ndarray:
+    """Boolean mask choosing ``fraction`` of the candidate rows of each label."""
+    chosen = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels[candidates]):
+        rows = rng.permutation(np.flatnonzero(candidates & (labels == label)))
+        chosen[rows[:int(round(fraction * len(rows)))]] = True
+    return chosen
+
+
+def dataset_from_rows(name: str, store, rows_of: dict[str, np.ndarray], labels: np.ndarray, fields: list[str],
+                      dtype: str, class_names: list[str], info: dict) -> AVDataset:
+    """An AVDataset of the store rows in ``rows_of[split]`` with ``labels[row]`` (one read per field)."""
+    if dtype not in DTYPES:
+        raise AvclError(f"data.dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
+    all_rows = np.sort(np.concatenate([rows_of[s] for s in ("train", "val", "test")]))
+    position = np.full(len(store), -1)
+    position[all_rows] = np.arange(len(all_rows))
+    loaded = {f: store.load(f, all_rows, DTYPES[dtype]) for f in fields}
+    masks = {f: torch.from_numpy(store.mask(f, all_rows)) for f in fields}
+    label_tensor = torch.from_numpy(labels[all_rows]).long()
+
+    def split(which: str) -> dict[str, torch.Tensor]:
+        index = torch.from_numpy(position[rows_of[which]]).long()
+        samples = {f: loaded[f][index] for f in fields}
+        samples.update({f"{f}_mask": masks[f][index] for f in fields if not masks[f].all()})
+        samples["label"] = label_tensor[index]
+        return samples
+
+    return AVDataset(name=name, train=split("train"), val=split("val"), test=split("test"),
+                     class_names=list(class_names), info={"store": str(store.path), "manifest": store.manifest, **info})
+
+
+@register_dataset("features", FeaturesOptions, "a feature store written by avcl extract / convert-features")
+def build_features(opts: FeaturesOptions, data_root: str | None, seed: int) -> AVDataset:
+    store = resolve_store(opts.store, data_root, opts.require_complete)
+    fields = check_fields(store, opts.fields)
     usable = (store.status == WRITTEN) & (store.labels >= 0)
     splits = np.array(store.splits)
     if not ((splits == "train") & usable).any() or not ((splits == "test") & usable).any():
         raise AvclError(f"{store.path}: needs labelled 'train' and 'test' rows (splits found: {sorted(set(splits))})")
     if not ((splits == "val") & usable).any() and opts.val_fraction > 0:
-        rng = np.random.default_rng(seed)
-        splits = splits.copy()
-        for label in np.unique(store.labels[usable & (splits == "train")]):
-            rows = rng.permutation(np.flatnonzero(usable & (splits == "train") & (store.labels == label)))
-            splits[rows[:int(round(opts.val_fraction * len(rows)))]] = "val"
+        train = usable & (splits == "train")
+        splits = np.where(stratified_pick(store.labels, train, opts.val_fraction, np.random.default_rng(seed)),
+                          "val", splits)
     rows_of = {name: np.flatnonzero(usable & (splits == name)) for name in ("train", "val", "test")}
-    all_rows = np.sort(np.concatenate(list(rows_of.values())))
-    position = {row: i for i, row in enumerate(all_rows)}
-    loaded = {f: store.load(f, all_rows, DTYPES[opts.dtype]) for f in fields}
-    masks = {f: torch.from_numpy(store.mask(f, all_rows)) for f in fields}
-    labels = torch.from_numpy(store.labels[all_rows]).long()
-
-    def split(name: str) -> dict[str, torch.Tensor]:
-        index = torch.tensor([position[r] for r in rows_of[name]], dtype=torch.long)
-        samples = {f: loaded[f][index] for f in fields}
-        samples.update({f"{f}_mask": masks[f][index] for f in fields if not masks[f].all()})
-        samples["label"] = labels[index]
-        return samples
-
     num_classes = int(store.labels[usable].max()) + 1
     names = store.class_names or [f"class{c}" for c in range(num_classes)]
-    return AVDataset(name="features", train=split("train"), val=split("val"), test=split("test"),
-                     class_names=list(names), info={"store": str(store.path), "manifest": store.manifest,
-                                                     "failed_rows": int((store.status != WRITTEN).sum())})
+    return dataset_from_rows("features", store, rows_of, store.labels, fields, opts.dtype, names,
+                             {"failed_rows": int((store.status != WRITTEN).sum())})

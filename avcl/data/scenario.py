@@ -6,7 +6,7 @@ appends rows. ``class_order[new_label]`` gives the dataset's original label back
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ class Scenario:
     tasks: list[Task]
     class_order: list[int]  # remapped label -> original dataset label
     class_names: list[str]  # in remapped order
+    info: dict = field(default_factory=dict)  # the dataset's provenance (AVDataset.info)
 
     @property
     def num_classes(self) -> int:
@@ -84,4 +85,4 @@ def class_incremental(dataset: AVDataset, num_tasks: int, initial_classes: int =
 
         tasks.append(Task(index, classes, part(splits["train"]), part(splits["val"]), part(splits["test"])))
         offset += size
-    return Scenario(tasks, order, [dataset.class_names[c] for c in order])
+    return Scenario(tasks, order, [dataset.class_names[c] for c in order], dataset.info)
