@@ -1,0 +1,1 @@
+"""Media: decoding video files, dataset manifests, feature extraction (``avcl extract``)."""
