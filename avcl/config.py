@@ -39,6 +39,8 @@ class ModelConfig:
     fusion: str = "concat"  # concat | sum
     embed_dim: int = 64  # width of each encoder's tokens
     feature_dim: int = 128  # width of the fused feature fed to the classifier
+    # model "had" only (avcl/models/had.py): raw clips are cut into this many snippets
+    snippets: int = 4
     # model "avcil" only (avcl/models/avcil.py):
     visual_grid: List[int] = field(default_factory=lambda: [8, 196])  # [T, P] of the video tokens
     encoders: str = "none"  # none: inputs are features | builtin: raw clips through the encoders above
@@ -106,6 +108,8 @@ def list_recipes() -> dict[str, str]:
     found = {}
     root = recipes_dir()
     for path in sorted(root.rglob("*.yaml")):
+        if path.name.startswith("_"):  # partial recipes, only used as `base:` of others
+            continue
         raw = _read_yaml(path)
         found[path.relative_to(root).with_suffix("").as_posix()] = str(raw.get("description", ""))
     return found
@@ -215,23 +219,29 @@ def validate(cfg: DictConfig) -> None:
 
 
 def method_hparams_for(cfg: DictConfig, name: str):
-    """(method class, its Hparams instance) for a method or a variant named in ``cfg.variants``."""
+    """(method class, its Hparams, the model config) for a method or a variant of ``cfg.variants``.
+
+    A variant's keys override ``method_args.<method>``; its optional ``model:`` mapping
+    overrides ``model`` for that entry alone (e.g. a single-modality row in the same table).
+    """
     from avcl.methods import METHODS
 
-    overrides = {}
+    overrides, model_overrides = {}, {}
     base = name
     if name in cfg.variants:
         overrides = dict(OmegaConf.to_container(cfg.variants[name]))
         base = overrides.pop("method", None)
+        model_overrides = overrides.pop("model", None) or {}
         if base not in METHODS:
             raise AvclError(f"variants.{name}.method must name a method (known: {', '.join(sorted(METHODS))}), "
                             f"got {base!r}")
     cls = METHODS[base]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cls.Hparams), cfg.method_args[base], overrides)
+        model_cfg = OmegaConf.merge(cfg.model, model_overrides)
     except OmegaConfBaseException as err:
         raise AvclError(f"variants.{name}: {config_error_message(err)}") from None
-    return cls, cls.Hparams(**OmegaConf.to_container(merged))
+    return cls, cls.Hparams(**OmegaConf.to_container(merged)), model_cfg
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

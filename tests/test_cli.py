@@ -84,11 +84,14 @@ def test_recipe_path_and_base_inheritance(tmp_path):
 def test_method_variants_for_ablations(tmp_path):
     out = tmp_path / "run"
     recipe = tmp_path / "v.yaml"
-    recipe.write_text("base: synthetic\nmethods: [lwf, lwf-hot]\nvariants:\n  lwf-hot: {method: lwf, temperature: 4.0}\n")
+    recipe.write_text("base: synthetic\nmethods: [lwf, lwf-hot, joint-audio]\nvariants:\n"
+                      "  lwf-hot: {method: lwf, temperature: 4.0}\n"
+                      "  joint-audio: {method: joint, model: {modalities: [audio]}}\n")
     result = run_cli("run", str(recipe), *TINY, "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "| lwf-hot" in result.stdout
     assert json.loads((out / "lwf-hot" / "metrics.json").read_text())["complete"]
+    assert "| joint-audio" in result.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: synthetic\nmethods: [x]\nvariants:\n  x: {method: lwf, temprature: 4.0}\n")
     assert_clean_error(run_cli("run", str(bad), "--out", str(tmp_path / "r2")), "temprature")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from avcl.config import method_hparams_for
 from avcl.data import build_dataset
+from avcl.data.samples import concat
 from avcl.data.scenario import class_incremental
 from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
                                     set_rng_state)
@@ -49,8 +50,8 @@ class EventLog:
 
 def build_method(name: str, cfg: DictConfig, example) -> object:
     """The method (or variant) ``name`` with its hyperparameters and a fresh model."""
-    cls, hparams = method_hparams_for(cfg, name)
-    return cls(build_model(cfg.model, example), hparams, cfg)
+    cls, hparams, model_cfg = method_hparams_for(cfg, name)
+    return cls(build_model(model_cfg, example), hparams, cfg)
 
 
 def _metrics(name: str, record: dict, cfg: DictConfig, scenario, complete: bool) -> dict:
@@ -89,7 +90,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         record, start_task = state["record"], state["task"] + 1
         set_rng_state(state["rng"])
         log("method_resume", method=name, task=start_task)
-    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.bf16))
+    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.bf16), cfg.eval.batch_size)
     epochs = method.hp.epochs or cfg.train.epochs
     interactive = show_progress and sys.stderr.isatty()
     bar = tqdm(total=len(scenario.tasks) * epochs, initial=start_task * epochs, desc=f"{name:>8}",
@@ -105,7 +106,12 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
             bar.set_postfix(task=t, loss=f"{loss:.3f}")
             log("epoch_end", method=name, task=t, epoch=epoch, loss=loss)
 
-        optimizer = trainer.fit_task(method, task, on_epoch)
+        def on_val(epoch: int, accuracy: float) -> None:
+            log("epoch_val", method=name, task=t, epoch=epoch, val_accuracy=accuracy)
+
+        seen_val = (concat([s.val for s in scenario.tasks[:t + 1]])  # model selection: all seen classes
+                    if cfg.train.model_selection == "best_val" else None)
+        optimizer = trainer.fit_task(method, task, on_epoch, val=seen_val, on_val=on_val)
         seconds = time.perf_counter() - started
         seen = scenario.tasks[:t + 1]
         method.model.eval()
@@ -161,6 +167,12 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
     device = pick_device(cfg.train.device)
     log("run_start", recipe=cfg.name, device=str(device), methods=list(cfg.methods),
         tasks=[task.classes for task in scenario.tasks])
+    # What the run was trained on, as plain data anyone can reproduce: classes, order, tasks, provenance.
+    atomic_write_json(run_dir / "dataset.json", {
+        "class_names": scenario.class_names, "class_order": scenario.class_order,
+        "tasks": [{"classes": t.classes, "train": len(t.train["label"]), "val": len(t.val["label"]),
+                   "test": len(t.test["label"])} for t in scenario.tasks],
+        "info": scenario.info})
     results = {}
     for name in cfg.methods:
         results[name] = run_method(name, cfg, scenario, run_dir, log, device, show_progress)

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from avcl.data.samples import Samples, batches, concat, num_samples, select, to_device
+from avcl.errors import AvclError
 from avcl.methods.base import Method
 
 
@@ -53,10 +54,23 @@ class Trainer:
     train_cfg: object
     device: torch.device
     autocast: Callable
+    eval_batch_size: int = 256
 
-    def fit_task(self, method: Method, task, on_epoch: Callable[[int, float], None] = lambda e, l: None):
-        """Train ``method`` on ``task``; returns the optimizer (its state goes into the checkpoint)."""
+    def fit_task(self, method: Method, task, on_epoch: Callable[[int, float], None] = lambda e, l: None,
+                 val: Optional[Samples] = None, on_val: Callable[[int, float], None] = lambda e, a: None):
+        """Train ``method`` on ``task``; returns the optimizer (its state goes into the checkpoint).
+
+        With ``train.model_selection=best_val`` the accuracy on ``val`` (the val data of all seen
+        classes, FC head, no task id) is measured after every epoch and the task ends with the
+        weights of the best epoch (the first, on ties), as AV-CIL's official code does.
+        """
         cfg, hp = self.train_cfg, method.hp
+        if cfg.model_selection not in ("last", "best_val"):
+            raise AvclError(f"train.model_selection must be 'last' or 'best_val', got '{cfg.model_selection}'")
+        select_best = cfg.model_selection == "best_val" and bool(val) and num_samples(val) > 0
+        best_accuracy, best_state = -1.0, None
+        if select_best:
+            val = to_device(val, self.device)
         task = replace(task, train=to_device(task.train, self.device))
         method.before_task(task)
         memory = method.memory.samples if method.memory is not None and len(method.memory) else None
@@ -82,6 +96,28 @@ class Trainer:
                 total += loss.detach()
                 steps += 1
             on_epoch(epoch, float(total) / max(steps, 1))  # one host sync per epoch, not per step
+            if select_best:
+                accuracy = self.fc_accuracy(method, val)
+                on_val(epoch, accuracy)
+                if accuracy > best_accuracy:
+                    best_accuracy = accuracy
+                    best_state = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
+                method.model.train()
+        if best_state is not None:
+            method.model.load_state_dict(best_state)
         method.model.eval()
         method.after_task(task)
         return optimizer
+
+    @torch.no_grad()
+    def fc_accuracy(self, method: Method, samples: Samples) -> float:
+        """Accuracy of the classifier head over all seen classes (FC even for NME methods:
+        their class means are only computed after the task)."""
+        method.model.eval()
+        correct = torch.zeros((), device=self.device)
+        for batch in batches(samples, self.eval_batch_size):
+            batch = to_device(batch, self.device)
+            with self.autocast():
+                scores = Method.predict(method, batch)
+            correct += (scores.argmax(dim=1) == batch["label"]).sum()
+        return float(correct) / num_samples(samples)

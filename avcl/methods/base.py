@@ -8,7 +8,8 @@ uses memory with three class attributes:
 * ``memory_budget``: "config" (memory.size exemplars), "all" (keep everything: joint) or None;
 * ``selection``: how exemplars are chosen ("random" or "herding");
 * ``replay``: how memory joins training: "merge" (one dataset with the new task's data) or
-  "separate" (each batch of new data gets ``train.replay_batch_size`` memory samples).
+  "separate" (each batch of new data gets ``train.replay_batch_size`` memory samples);
+* ``requires_model``: the ``model.name`` the method needs, if any (AV-CIL's, HAD's).
 
 Batches carry a boolean ``from_memory`` field telling replayed samples apart.
 """
@@ -40,8 +41,15 @@ class Method:
     memory_budget: Optional[str] = None
     selection = "random"
     replay = "merge"
+    requires_model: Optional[str] = None  # a model.name the method needs (None: any model)
 
     def __init__(self, model: AVNet, hparams: Hparams, cfg):
+        from avcl.models import MODELS
+        if self.requires_model and not isinstance(model, MODELS[self.requires_model]):
+            from avcl.errors import AvclError
+            raise AvclError(f"method '{self.name}' needs model.name={self.requires_model} (in the recipe, or for "
+                            f"one row: variants: {{my-{self.name}: {{method: {self.name}, model: "
+                            f"{{name: {self.requires_model}}}}}}})")
         self.model, self.hp, self.cfg = model, hparams, cfg
         self.task_ranges: list[tuple[int, int]] = []  # [start, end) labels of each task seen
         self.old_model: Optional[AVNet] = None

@@ -81,11 +81,10 @@ class HAD(Method):
     memory_budget = "config"
     selection = "random"
     replay = "separate"
+    requires_model = "had"
 
     def __init__(self, model, hparams, cfg):
         super().__init__(model, hparams, cfg)
-        if not hasattr(model, "low_level"):
-            raise AvclError("method 'had' needs the hierarchical model: set model.name=had")
         bad = [level for level in hparams.ham_levels if level not in HAM_LEVELS]
         if bad:
             raise AvclError(f"method_args.had.ham_levels: unknown level(s) {bad} (known: {list(HAM_LEVELS)})")

@@ -1,0 +1,124 @@
+"""AV-CIL (Pian et al., ICCV 2023): SS-IL + D-AVSC + VAD (specs/supervised_methods.md 1.5).
+
+Needs ``model.name=avcil`` with both modalities. Memory: ``memory.size`` random exemplars,
+replayed as a separate batch (``train.replay_batch_size``) joined to every new-data batch.
+
+* Task 0: plain softmax CE over the first task's classes.
+* Tasks >= 1, on a batch of B = B_n new + B_e replayed samples:
+  - separated-softmax CE (SS-IL): ``separated_softmax_ce``;
+  - task-wise KD, T = ``temperature``, weight ``kd_weight``, on all B samples;
+  - D-AVSC (``use_davsc``) on all B samples of the current model, S_ij = â_i·v̂_j / ``tau``:
+    ``lambda_i`` x instance-aware term (audio anchors, visual candidates, positive = same
+    video) + ``lambda_c`` x class-aware term (positives = same label, the anchor included);
+    ``class_norm`` = "official" divides each anchor's positive sum by B (the official code,
+    the default, to reproduce its numbers) or "paper" by the number of positives (Eq. 7);
+  - VAD (``use_vad``) on the replayed samples only: ``vad_lambda`` x spatial KL(old || new)
+    (over patches, summed over time steps and channels) + (1 - ``vad_lambda``) x temporal KL
+    (over time, summed over channels), each summed over the replayed samples and divided by B_e.
+
+Defaults are the official AVE settings (lambda_I 0.5); the K-S / VS100 recipes set 0.1.
+Deviations: the old model is the in-memory best/last model of the previous task (the official
+code reloads the same weights from disk); replay batches are drawn at random with replacement
+from memory (official: a cycled, shuffled exemplar DataLoader); new-data batches keep the last
+partial batch (official: drop_last). Loss terms are computed in float32 under autocast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from avcl.errors import AvclError
+from avcl.methods import register
+from avcl.methods.base import Hparams, Method, taskwise_kd
+from avcl.methods.ssil import separated_softmax_ce
+
+CLASS_NORMS = ("official", "paper")
+
+
+@dataclass
+class AVCILHparams(Hparams):
+    temperature: float = 2.0  # task-wise KD temperature
+    kd_weight: float = 1.0
+    use_davsc: bool = True  # dual audio-visual similarity constraint
+    tau: float = 0.05  # D-AVSC temperature (both terms)
+    lambda_i: float = 0.5  # instance-aware weight (official: 0.5 AVE, 0.1 KS / VS100)
+    lambda_c: float = 1.0  # class-aware weight
+    class_norm: str = "official"  # official (divide by B) | paper (Eq. 7: by the number of positives)
+    use_vad: bool = True  # visual attention distillation on exemplars
+    vad_lambda: float = 0.5  # spatial share of VAD; temporal gets 1 - vad_lambda
+
+
+def instance_contrastive(audio: torch.Tensor, visual: torch.Tensor, tau: float) -> torch.Tensor:
+    """-(1/B) Σ_i log softmax_j(â_i·v̂_j / tau)[i]: audio anchors, the same video's visual positive."""
+    similarity = audio.float() @ visual.float().T / tau
+    return F.cross_entropy(similarity, torch.arange(len(audio), device=audio.device))
+
+
+def class_contrastive(audio: torch.Tensor, visual: torch.Tensor, labels: torch.Tensor, tau: float,
+                      norm: str = "official") -> torch.Tensor:
+    """Class-aware term: positives are all batch items with the anchor's label (itself included).
+
+    official: -(1/B) Σ_i (1/B) Σ_{j: y_j = y_i} log p_ij; paper (Eq. 7): (1/|P(i)|) instead of 1/B.
+    """
+    log_p = (audio.float() @ visual.float().T / tau).log_softmax(dim=1)
+    positive = (labels[:, None] == labels[None, :]).float()
+    per_anchor = (positive * log_p).sum(dim=1)
+    per_anchor = per_anchor / (len(labels) if norm == "official" else positive.sum(dim=1))
+    return -per_anchor.mean()
+
+
+def attention_kl(old: torch.Tensor, new_scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ over every distribution along ``dim`` of KL(old || softmax(new_scores)), divided by the batch size.
+
+    ``old`` are the teacher's probabilities; the student's are given as scores for a stable log.
+    """
+    old = old.float()
+    kl = old * (old.clamp_min(1e-12).log() - new_scores.float().log_softmax(dim=dim))
+    return kl.sum() / len(old)
+
+
+@register
+class AVCIL(Method):
+    name = "avcil"
+    description = "AV-CIL: SS-IL + audio-visual similarity constraints + visual attention distillation"
+    Hparams = AVCILHparams
+    memory_budget = "config"
+    selection = "random"
+    replay = "separate"
+    requires_model = "avcil"
+
+    def __init__(self, model, hparams, cfg):
+        super().__init__(model, hparams, cfg)
+        if hparams.class_norm not in CLASS_NORMS:
+            raise AvclError(f"method_args.avcil.class_norm must be one of {list(CLASS_NORMS)}, "
+                            f"got '{hparams.class_norm}'")
+        if model.modalities != ["audio", "video"]:
+            raise AvclError(f"method avcil needs model.modalities=[audio, video], got {model.modalities}")
+
+    def loss_terms(self, batch) -> dict[str, torch.Tensor]:
+        """Every loss term of the current step, by name (their sum is the training loss)."""
+        out = self.model(batch)
+        logits, labels = out["logits"], batch["label"]
+        if self.old_model is None:
+            return {"ce": F.cross_entropy(logits, labels)}
+        hp = self.hp
+        old = self.old_outputs(batch)
+        terms = {"ss_ce": separated_softmax_ce(logits, labels, batch["from_memory"], self.old_classes),
+                 "tkd": hp.kd_weight * taskwise_kd(logits.float(), old["logits"].float(),
+                                                   self.task_ranges[:-1], hp.temperature)}
+        if hp.use_davsc:
+            a, v = out["audio_embedding"], out["visual_embedding"]
+            terms["davsc_instance"] = hp.lambda_i * instance_contrastive(a, v, hp.tau)
+            terms["davsc_class"] = hp.lambda_c * class_contrastive(a, v, labels, hp.tau, hp.class_norm)
+        replayed = batch["from_memory"]
+        if hp.use_vad and replayed.any():
+            terms["vad_spatial"] = hp.vad_lambda * attention_kl(
+                old["spatial_attention"][replayed], out["spatial_scores"][replayed], dim=2)
+            terms["vad_temporal"] = (1 - hp.vad_lambda) * attention_kl(
+                old["temporal_attention"][replayed], out["temporal_scores"][replayed], dim=1)
+        return terms
+
+    def training_loss(self, batch):
+        return sum(self.loss_terms(batch).values())

@@ -1,0 +1,152 @@
+"""AV-CIL's model (Pian et al., ICCV 2023; specs/supervised_methods.md 1.4): ``model.name=avcil``.
+
+Follows the official ``IncreAudioVisualNet``:
+
+* audio-guided, channel-wise visual attention: â = tanh(W_aa a), V̂ = tanh(W_va V),
+  spatial α = softmax over patches of V̂ ⊙ â (one distribution per (t, channel)),
+  u = Σ_p α V̂, temporal β = softmax over time of u ⊙ â (one per channel);
+  the attention is applied to the *raw* tokens: v̄ = Σ_t β Σ_p α V;
+* f^a = ReLU(W_a a), f^v = ReLU(W_v v̄), sum fusion f = f^a + f^v, logits = classifier(f),
+  the classifier an IncrementalClassifier (grown by copying old rows and biases);
+* ``forward`` also returns L2-normalised f^a / f^v (for D-AVSC) and the attention maps and
+  their scores (for VAD).
+* Modality variants: ``model.modalities=[audio]``: logits from ReLU(W_a a);
+  ``[video]``: mean over all tokens -> ReLU(W_v .) -> classifier (no attention).
+
+Deviations / generalisations:
+
+* Any grid and width: ``model.visual_grid`` = [T, P] (official: 8 x 196), feature widths read
+  from the example batch (official: 768); the attention width is the visual width Dv (so
+  W_aa: Da -> Dv) and the projection width is ``model.feature_dim`` (official: 768).
+* ``model.encoders``: "none" (inputs are pre-extracted features: audio (B, Da), video
+  (B, T*P, Dv) or (B, T, P, Dv)) or "builtin" (raw clips through avcl's encoders: the video
+  encoder's (B, T, P, D) tokens and the audio encoder's tokens mean-pooled over time; these
+  encoders are trained with the head, unlike the official frozen AudioMAE / VideoMAE).
+* ``<modality>_mask`` fields are not used: every sample must have both modalities.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avcl.data.samples import Samples
+from avcl.errors import AvclError
+from avcl.models import register_model
+from avcl.models.encoders import AUDIO_ENCODERS, VIDEO_ENCODERS
+from avcl.models.heads import IncrementalClassifier
+
+ENCODER_CHOICES = ("none", "builtin")
+
+
+def audio_guided_attention(audio_key: torch.Tensor, visual_key: torch.Tensor,
+                           tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Channel-wise spatial then temporal attention (spec 1.4).
+
+    ``audio_key`` (B, D) = tanh(W_aa a); ``visual_key`` (B, T, P, D) = tanh(W_va V);
+    ``tokens`` (B, T, P, D) = V. Returns the pooled visual vector (B, D), the spatial attention
+    (B, T, P, D) (a distribution over P for each t, d), the temporal attention (B, T, D)
+    (a distribution over T for each d), and the pre-softmax scores of both.
+    """
+    spatial_scores = visual_key * audio_key[:, None, None, :]  # element-wise, not a dot product
+    spatial = spatial_scores.softmax(dim=2)
+    attended_key = (spatial * visual_key).sum(dim=2)  # (B, T, D)
+    temporal_scores = attended_key * audio_key[:, None, :]
+    temporal = temporal_scores.softmax(dim=1)
+    per_frame = (spatial * tokens).sum(dim=2)  # attention applied to the raw tokens
+    pooled = (temporal * per_frame).sum(dim=1)
+    return {"pooled": pooled, "spatial_attention": spatial, "temporal_attention": temporal,
+            "spatial_scores": spatial_scores, "temporal_scores": temporal_scores}
+
+
+@register_model("avcil")
+class AVCILNet(nn.Module):
+    """``forward(batch)`` -> {"logits", "features", and for audio-visual models: "audio_embedding",
+    "visual_embedding" (L2-normalised f^a, f^v), "spatial_attention", "temporal_attention",
+    "spatial_scores", "temporal_scores"}."""
+
+    def __init__(self, cfg, example: Samples):
+        super().__init__()
+        self.modalities = sorted(cfg.modalities)
+        self.grid = tuple(int(x) for x in cfg.visual_grid)
+        if len(self.grid) != 2 or min(self.grid) < 1:
+            raise AvclError(f"model.visual_grid must be [T, P] with T, P >= 1, got {list(cfg.visual_grid)}")
+        if cfg.encoders not in ENCODER_CHOICES:
+            raise AvclError(f"model.encoders must be one of {list(ENCODER_CHOICES)}, got '{cfg.encoders}'")
+        for m in self.modalities:
+            if m not in example:
+                raise AvclError(f"model.modalities asks for '{m}' but the dataset has no '{m}' field")
+        self.encoders = nn.ModuleDict()
+        if cfg.encoders == "builtin":
+            dims = {}
+            for m, registry, name in (("audio", AUDIO_ENCODERS, cfg.audio_encoder),
+                                      ("video", VIDEO_ENCODERS, cfg.video_encoder)):
+                if m not in self.modalities:
+                    continue
+                if name not in registry:
+                    raise AvclError(f"unknown model.{m}_encoder '{name}' (known: {', '.join(registry)})")
+                self.encoders[m] = registry[name](tuple(example[m].shape[1:]), cfg.embed_dim)
+                dims[m] = cfg.embed_dim
+        else:
+            dims = {m: int(example[m].shape[-1]) for m in self.modalities}
+        hidden = cfg.feature_dim
+        if "audio" in dims:
+            self.audio_proj = nn.Linear(dims["audio"], hidden)
+        if "video" in dims:
+            self.visual_proj = nn.Linear(dims["video"], hidden)
+        if len(dims) == 2:
+            self.attn_audio_proj = nn.Linear(dims["audio"], dims["video"])
+            self.attn_visual_proj = nn.Linear(dims["video"], dims["video"])
+        self.head = IncrementalClassifier(hidden)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def _audio(self, batch: Samples) -> torch.Tensor:
+        audio = batch["audio"]
+        if "audio" in self.encoders:
+            return self.encoders["audio"](audio).mean(dim=1)  # (B, L, D) tokens -> clip vector
+        if audio.dim() != 2:
+            raise AvclError(f"avcil model: audio features must be (batch, dim), got {tuple(audio.shape)}")
+        return audio.float()
+
+    def _video(self, batch: Samples) -> torch.Tensor:
+        video = batch["video"]
+        if "video" in self.encoders:
+            video = self.encoders["video"](video)
+        else:
+            video = video.float()
+            if video.dim() == 3:
+                video = video.reshape(video.shape[0], *self.grid, video.shape[-1]) \
+                    if video.shape[1] == self.grid[0] * self.grid[1] else video
+        if video.dim() != 4 or tuple(video.shape[1:3]) != self.grid:
+            raise AvclError(f"avcil model: video tokens {tuple(batch['video'].shape)} (-> {tuple(video.shape)}) "
+                            f"do not match model.visual_grid {list(self.grid)} (expected (batch, T*P, D) "
+                            "or (batch, T, P, D))")
+        return video
+
+    def embed(self, batch: Samples) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.modalities == ["audio"]:
+            out["features"] = F.relu(self.audio_proj(self._audio(batch)))
+            return out
+        tokens = self._video(batch)
+        if self.modalities == ["video"]:
+            out["features"] = F.relu(self.visual_proj(tokens.flatten(1, 2).mean(dim=1)))
+            return out
+        audio = self._audio(batch)
+        attention = audio_guided_attention(torch.tanh(self.attn_audio_proj(audio)),
+                                           torch.tanh(self.attn_visual_proj(tokens)), tokens)
+        f_audio = F.relu(self.audio_proj(audio))
+        f_visual = F.relu(self.visual_proj(attention.pop("pooled")))
+        out["features"] = f_audio + f_visual
+        out["audio_embedding"] = F.normalize(f_audio, dim=1)
+        out["visual_embedding"] = F.normalize(f_visual, dim=1)
+        out.update(attention)
+        return out
+
+    def forward(self, batch: Samples) -> dict[str, torch.Tensor]:
+        out = self.embed(batch)
+        out["logits"] = self.head(out["features"])
+        return out
