@@ -25,3 +25,13 @@ def run_cli(*args, env=None, timeout=300):
     """Run ``python -m avcl ...`` in a subprocess; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "avcl", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster, and much faster on a shared, loaded CPU."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,13 +15,7 @@ from avcl.models.avcil import audio_guided_attention
 from conftest import TINY
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # AV-CIL on the synthetic clips through the builtin encoders: 4 frames x (16/8)^2 = 4 patches.
 AVCIL_SYNTH = TINY + ["model.name=avcil", "model.encoders=builtin", "model.visual_grid=[4,4]",

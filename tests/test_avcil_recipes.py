@@ -12,13 +12,7 @@ from avcl.engine.runner import execute
 from conftest import run_cli
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECIPES = {"avcil/ave": ("AVE", 28), "avcil/ksounds": ("ksounds", 30), "avcil/vggsound100": ("VGGSound_100", 100)}
 BASELINES = ("ssil", "icarl", "lwf", "finetune", "joint")
