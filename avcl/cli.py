@@ -6,7 +6,6 @@ and exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

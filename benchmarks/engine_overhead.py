@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from avcl.config import load_config
 from avcl.data import build_dataset
-from avcl.data.samples import batches
 from avcl.data.scenario import class_incremental
 from avcl.engine.trainer import Trainer, autocast_factory, pick_device
 from avcl.methods import METHODS

@@ -9,7 +9,6 @@ from avcl.data import build_dataset
 from avcl.data.store import create_store
 from avcl.engine.runner import execute
 from avcl.errors import AvclError
-from conftest import needs_data
 
 SNIPPETS, DA, DV = 10, 6, 8
 FAST = ["train.epochs=25", "train.lr=0.003", "model.embed_dim=16", "model.feature_dim=16", "train.batch_size=16",
@@ -73,13 +72,3 @@ def test_avk_recipe_builds_and_runs(tmp_path, k):
     assert saved["info"]["classes"] == dataset.class_names and "video_ids" in saved["info"]
     with pytest.raises(AvclError, match="num_classes"):
         build_dataset(load_config(f"had/avk{k}", ["data.num_classes=50"]).data, str(tmp_path), 0)
-
-
-@needs_data
-def test_real_ave_annotation_list_parses():
-    import os
-    from pathlib import Path
-
-    from avcl.data.annotated import read_ave_annotations
-    entries = read_ave_annotations(Path(os.environ["AVCL_DATA_DIR"]) / "meta" / "ave" / "Annotations.txt")
-    assert len(entries) == 4143 and len({e[0] for e in entries}) == 28

@@ -11,12 +11,12 @@
   the CSV's train rows (``val_fraction`` of them held out) and test on its val/validate rows.
   The classes and the video ids of every split are saved with the run (``dataset.json``).
 
-Store rows are matched by id: the video id itself, or ``<id>_<start:06d>_<end:06d>`` /
-``<id>_<start:06d>`` (the usual clip namings).
+The lists are read by ``avcl.media.manifests`` and store rows are matched by the clip ids it
+gives, which are the ids ``avcl extract`` writes for the same list: the video id for AVE
+(``<id>#1`` for a video listed a second time), ``<id>_<start:06d>_<end:06d>`` for Kinetics.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -28,6 +28,7 @@ from avcl.data.features import check_fields, dataset_from_rows, resolve_store, s
 from avcl.data.sources import data_roots
 from avcl.data.store import WRITTEN
 from avcl.errors import AvclError
+from avcl.media.manifests import read_ave, read_kinetics
 
 
 def _find(path: str, data_root: str | None) -> Path:
@@ -38,22 +39,14 @@ def _find(path: str, data_root: str | None) -> Path:
     return found
 
 
-def _store_rows(store, keys: list[list[str]], require_audio: bool) -> np.ndarray:
-    """Store row of each video (first matching id among its candidate keys), -1 when absent or unusable."""
+def _store_rows(store, ids: list[str], require_audio: bool) -> np.ndarray:
+    """Store row of each clip id, -1 when absent or unusable (failed, or no audio when required)."""
     index = {vid: row for row, vid in enumerate(store.ids)}
     usable = store.status == WRITTEN
     if require_audio and "audio" in store.fields:
         usable &= store.mask("audio")
-    rows = np.full(len(keys), -1)
-    for i, candidates in enumerate(keys):
-        row = next((index[k] for k in candidates if k in index), -1)
-        rows[i] = row if row >= 0 and usable[row] else -1
-    return rows
-
-
-def _clip_keys(vid: str, start: float, end: float) -> list[str]:
-    s, e = int(float(start)), int(float(end))
-    return [vid, f"{vid}_{s:06d}_{e:06d}", f"{vid}_{s:06d}"]
+    rows = np.array([index.get(i, -1) for i in ids], dtype=np.int64)
+    return np.where((rows >= 0) & usable[rows.clip(min=0)], rows, -1)
 
 
 @dataclass
@@ -68,33 +61,21 @@ class AVEOptions:
     require_complete: bool = True
 
 
-def read_ave_annotations(path: Path) -> list[tuple[str, str, float, float]]:
-    """(category, video id, start, end) per line of an AVE annotation file."""
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        parts = line.strip().split("&")
-        if not line.strip() or parts[0] == "Category":
-            continue
-        if len(parts) != 5:
-            raise AvclError(f"{path}:{number}: expected Category&VideoID&Quality&StartTime&EndTime, got {line!r}")
-        rows.append((parts[0], parts[1], float(parts[3]), float(parts[4])))
-    return rows
-
-
 @register_dataset("ave", AVEOptions, "AVE: Annotations.txt + a snippet feature store (HAD's AVE benchmark)")
 def build_ave(opts: AVEOptions, data_root: str | None, seed: int) -> AVDataset:
     annotations = _find(opts.annotations, data_root)
-    entries = read_ave_annotations(annotations)
-    classes = sorted({category for category, *_ in entries})
+    clips = read_ave(annotations)
+    classes = clips.class_names
     store = resolve_store(opts.store, data_root, opts.require_complete)
     fields = check_fields(store, opts.fields)
-    rows = _store_rows(store, [[vid] for _, vid, _, _ in entries], require_audio=False)
-    labels = np.array([classes.index(category) for category, *_ in entries])
+    ids = [item.id for item in clips.items]
+    rows = _store_rows(store, ids, require_audio=False)
+    labels = np.array(clips.label_index())
     present = rows >= 0
     official = {name: annotations.parent / f"{name}Set.txt" for name in ("train", "val", "test")}
     if all(p.is_file() for p in official.values()):
-        split_of = {vid: name for name, p in official.items() for _, vid, _, _ in read_ave_annotations(p)}
-        splits = np.array([split_of.get(vid, "") for _, vid, _, _ in entries])
+        split_of = {item.id: name for name, p in official.items() for item in read_ave(p).items}
+        splits = np.array([split_of.get(i, "") for i in ids])
         split_source = "official AVE split files"
     else:
         rng = np.random.default_rng(seed)
@@ -123,26 +104,15 @@ class AVKOptions:
     require_complete: bool = True
 
 
-def read_kinetics_csv(path: Path) -> list[tuple[str, float, float, str, str]]:
-    """(youtube_id, start, end, label, split) per row of a Kinetics-style CSV with a header."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        needed = {"youtube_id", "time_start", "time_end", "label", "split"}
-        if not reader.fieldnames or not needed <= set(reader.fieldnames):
-            raise AvclError(f"{path}: needs the columns {sorted(needed)}, found {reader.fieldnames}")
-        return [(r["youtube_id"], float(r["time_start"]), float(r["time_end"]), r["label"], r["split"])
-                for r in reader]
-
-
 @register_dataset("avk", AVKOptions, "AVK-k (our construction): Kinetics classes with audio + a snippet store")
 def build_avk(opts: AVKOptions, data_root: str | None, seed: int) -> AVDataset:
     annotations = _find(opts.annotations, data_root)
-    entries = read_kinetics_csv(annotations)
+    clips = read_kinetics(annotations)
     store = resolve_store(opts.store, data_root, opts.require_complete)
     fields = check_fields(store, opts.fields)
-    rows = _store_rows(store, [_clip_keys(vid, s, e) for vid, s, e, _, _ in entries], require_audio=True)
+    rows = _store_rows(store, [item.id for item in clips.items], require_audio=True)
     present = rows >= 0
-    available = sorted({entries[i][3] for i in np.flatnonzero(present)})
+    available = sorted({clips.items[i].label for i in np.flatnonzero(present)})
     if opts.num_classes > len(available):
         raise AvclError(f"data.num_classes={opts.num_classes} but only {len(available)} classes have videos with "
                         f"audio features in {store.path}")
@@ -153,12 +123,12 @@ def build_avk(opts: AVKOptions, data_root: str | None, seed: int) -> AVDataset:
     else:
         raise AvclError(f"data.class_selection must be seeded or alphabetical, got '{opts.class_selection}'")
     label_of = {name: i for i, name in enumerate(classes)}
-    labels = np.array([label_of.get(e[3], -1) for e in entries])
+    labels = np.array([label_of.get(item.label, -1) for item in clips.items])
     kept = present & (labels >= 0)
-    split = np.array([e[4] for e in entries])
+    split = np.array([item.split for item in clips.items])
     train = kept & (split == "train")
     val = stratified_pick(labels, train, opts.val_fraction, np.random.default_rng(seed))
-    test = kept & np.isin(split, ["val", "validate", "validation", "test"])
+    test = kept & np.isin(split, ["val", "test"])
     rows_of = {"train": rows[train & ~val], "val": rows[val], "test": rows[test]}
     store_labels = np.full(len(store), -1)
     store_labels[rows[kept]] = labels[kept]

@@ -60,7 +60,7 @@ class ClipList:
 
 def _split(value: str, where: str) -> str:
     value = (value or "").strip().lower()
-    value = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}.get(value, value)
+    value = {"training": "train", "validation": "val", "validate": "val", "valid": "val", "testing": "test"}.get(value, value)
     if value not in ("", *SPLITS):
         raise AvclError(f"{where}: split must be train, val or test, got '{value}'")
     return value
