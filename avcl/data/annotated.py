@@ -25,17 +25,16 @@ import numpy as np
 
 from avcl.data import AVDataset, register_dataset
 from avcl.data.features import check_fields, dataset_from_rows, resolve_store, stratified_pick
-from avcl.data.sources import data_roots
+from avcl.data.sources import find_under_roots
 from avcl.data.store import WRITTEN
 from avcl.errors import AvclError
 from avcl.media.manifests import read_ave, read_kinetics
 
 
 def _find(path: str, data_root: str | None) -> Path:
-    candidates = [root / path for root in data_roots(data_root)] if not Path(path).is_absolute() else []
-    found = next((c for c in candidates if c.is_file()), Path(path))
+    found = find_under_roots(path, data_root)
     if not found.is_file():
-        raise AvclError(f"annotation file not found: {path} (looked in {[str(c) for c in candidates] or [path]})")
+        raise AvclError(f"annotation file not found: {path} (looked under the data root and as given)")
     return found
 
 

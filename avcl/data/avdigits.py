@@ -61,7 +61,7 @@ def _pair_images(labels: np.ndarray, pool: dict[int, np.ndarray], rng: np.random
     return chosen
 
 
-def _render_video(digits: torch.Tensor, onset: np.ndarray, opts: AVDigitsOptions,
+def render_video(digits: torch.Tensor, onset: np.ndarray, opts: AVDigitsOptions,
                   rng: np.random.Generator) -> torch.Tensor:
     """(N, T, S, S) uint8: each digit appears at its onset frame and moves in a straight line."""
     n, size, room = len(digits), opts.frame_size, opts.frame_size - opts.digit_size
@@ -146,7 +146,7 @@ def _build(opts: AVDigitsOptions, recordings, mnist_dir, seed: int) -> AVDataset
     digits = torch.nn.functional.interpolate(
         torch.from_numpy(images[image_index]).float()[:, None], size=opts.digit_size,
         mode="area")[:, 0].round().clamp(0, 255).to(torch.uint8)
-    video = _render_video(digits, onset, opts, rng)
+    video = render_video(digits, onset, opts, rng)
 
     is_val = np.zeros(len(labels), dtype=bool)
     train_rows = np.flatnonzero(~is_test)

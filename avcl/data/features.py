@@ -9,7 +9,6 @@ class is held out (seeded).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -34,12 +33,10 @@ class FeaturesOptions:
 
 def resolve_store(path: str, data_root: str | None, require_complete: bool):
     """Open a store; a relative path is looked up under the data root first ($AVCL_DATA_DIR)."""
-    from avcl.data.sources import data_roots
+    from avcl.data.sources import find_under_roots
     if not path:
         raise AvclError("data.store is empty: give the path of a feature store (data.store=PATH.h5)")
-    candidates = [root / path for root in data_roots(data_root)] if not Path(path).is_absolute() else []
-    found = next((c for c in candidates if c.is_file()), Path(path))
-    store = open_store(found)
+    store = open_store(find_under_roots(path, data_root))
     if require_complete and not store.complete:
         raise AvclError(f"{store.path}: extraction has not finished (resume it, or set data.require_complete=false)")
     return store

@@ -295,3 +295,12 @@ def _fetch(url: str, dest: Path, progress: bool, hint: str) -> str:
     except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, resets
         raise AvclError(f"{hint} (download of {url} failed: {e})") from e
     return digest.hexdigest()
+
+
+def find_under_roots(path: str, data_root: str | None) -> Path:
+    """``path`` itself if absolute, else the first ``<root>/path`` that exists (roots: data_roots);
+    falls back to ``path`` relative to the working directory. Existence is the caller's check."""
+    if Path(path).is_absolute():
+        return Path(path)
+    candidates = [root / path for root in data_roots(data_root)]
+    return next((c for c in candidates if c.exists()), Path(path))

@@ -36,6 +36,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda handle: handle.write(data))
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     _atomic_write(path, lambda handle: torch.save(obj, handle))
 

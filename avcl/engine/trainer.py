@@ -16,6 +16,7 @@ import torch
 
 from avcl.data.samples import Samples, batches, concat, num_samples, select, to_device
 from avcl.errors import AvclError
+from avcl.eval.evaluator import correct_predictions
 from avcl.methods.base import Method
 
 
@@ -114,10 +115,5 @@ class Trainer:
         """Accuracy of the classifier head over all seen classes (FC even for NME methods:
         their class means are only computed after the task)."""
         method.model.eval()
-        correct = torch.zeros((), device=self.device)
-        for batch in batches(samples, self.eval_batch_size):
-            batch = to_device(batch, self.device)
-            with self.autocast():
-                scores = Method.predict(method, batch)
-            correct += (scores.argmax(dim=1) == batch["label"]).sum()
-        return float(correct) / num_samples(samples)
+        predict = lambda batch: Method.predict(method, batch)  # noqa: E731
+        return float(correct_predictions(predict, samples, self.eval_batch_size, self.device, self.autocast).mean())

@@ -10,14 +10,14 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avcl.engine.checkpoint import _atomic_write  # noqa: E402
+from avcl.engine.checkpoint import atomic_write_bytes  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    _atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_accuracy_curves(results: dict[str, dict], path: Path) -> None:

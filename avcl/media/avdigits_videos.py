@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from avcl.data.avdigits import FSDD_TEST_TAKES, AVDigitsOptions, _render_video
+from avcl.data.avdigits import FSDD_TEST_TAKES, AVDigitsOptions, render_video
 from avcl.data.sources import list_fsdd, load_mnist_test, locate_fsdd, locate_mnist, read_wav
 from avcl.engine.checkpoint import atomic_write_text
 from avcl.errors import AvclError
@@ -88,7 +88,7 @@ def make_videos(out, opts: VideoDigitsOptions, data_root: str | None = None, pro
         digit_image = torch.nn.functional.interpolate(torch.from_numpy(image).float()[None, None],
                                                       size=opts.digit_size, mode="area")[0]
         digit_image = digit_image.round().clamp(0, 255).to(torch.uint8)
-        video = _render_video(digit_image, onset, render, rng)[0].numpy()
+        video = render_video(digit_image, onset, render, rng)[0].numpy()
         relative = Path(split) / str(digit) / f"{wav_path.stem}.mp4"
         if not (out / relative).is_file():
             write_clip(out / relative, video, int(round(fps)), audio, rate)

@@ -16,6 +16,7 @@ Batches carry a boolean ``from_memory`` field telling replayed samples apart.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,7 +26,8 @@ from torch import nn
 
 from avcl.data.samples import Samples
 from avcl.memory.buffer import ExemplarMemory
-from avcl.models import AVNet
+from avcl.errors import AvclError
+from avcl.models import MODELS, AVNet
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Hparams:
     lr: Optional[float] = None  # overrides train.lr for this method
 
 
-class Method:
+class Method(ABC):
     name = "base"
     description = ""
     Hparams = Hparams
@@ -44,9 +46,7 @@ class Method:
     requires_model: Optional[str] = None  # a model.name the method needs (None: any model)
 
     def __init__(self, model: AVNet, hparams: Hparams, cfg):
-        from avcl.models import MODELS
         if self.requires_model and not isinstance(model, MODELS[self.requires_model]):
-            from avcl.errors import AvclError
             raise AvclError(f"method '{self.name}' needs model.name={self.requires_model} (in the recipe, or for "
                             f"one row: variants: {{my-{self.name}: {{method: {self.name}, model: "
                             f"{{name: {self.requires_model}}}}}}})")
@@ -73,8 +73,9 @@ class Method:
         self.task_ranges.append((self.seen_classes, self.seen_classes + len(task.classes)))
         self.model.head.grow(self.seen_classes)
 
+    @abstractmethod
     def training_loss(self, batch: Samples) -> torch.Tensor:
-        raise NotImplementedError
+        """The loss of one training batch (the engine does backward and the optimizer step)."""
 
     def after_task(self, task) -> None:
         """Store exemplars of the task just learned (methods with memory)."""

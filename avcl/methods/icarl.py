@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from avcl.errors import AvclError
 from avcl.methods import register
 from avcl.methods.base import Hparams, Method
 
@@ -36,7 +37,6 @@ class ICaRL(Method):
     def __init__(self, model, hparams, cfg):
         super().__init__(model, hparams, cfg)
         if hparams.classifier not in ("nme", "fc"):
-            from avcl.errors import AvclError
             raise AvclError(f"method_args.icarl.classifier must be 'nme' or 'fc', got '{hparams.classifier}'")
         self.class_means = torch.empty(0)
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from avcl.data.samples import Samples
 from avcl.errors import AvclError
-from avcl.models.encoders import AUDIO_ENCODERS, VIDEO_ENCODERS
+from avcl.models.encoders import encoder_class
 from avcl.models.heads import IncrementalClassifier
 
 
@@ -59,15 +59,12 @@ class AVNet(nn.Module):
     def __init__(self, cfg, example: Samples):
         super().__init__()
         self.modalities = list(cfg.modalities)
-        encoders = {"audio": (AUDIO_ENCODERS, cfg.audio_encoder), "video": (VIDEO_ENCODERS, cfg.video_encoder)}
         self.encoders = nn.ModuleDict()
         for m in self.modalities:
-            registry, name = encoders[m]
-            if name not in registry:
-                raise AvclError(f"unknown model.{m}_encoder '{name}' (known: {', '.join(registry)})")
+            cls = encoder_class(m, getattr(cfg, f"{m}_encoder"))
             if m not in example:
                 raise AvclError(f"model.modalities asks for '{m}' but the dataset has no '{m}' field")
-            self.encoders[m] = registry[name](tuple(example[m].shape[1:]), cfg.embed_dim)
+            self.encoders[m] = cls(tuple(example[m].shape[1:]), cfg.embed_dim)
         self.fusion = Fusion(self.modalities, cfg.embed_dim, cfg.feature_dim, cfg.fusion)
         self.head = IncrementalClassifier(cfg.feature_dim)
 

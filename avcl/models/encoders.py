@@ -44,3 +44,12 @@ class FrameConv(nn.Module):
 
 AUDIO_ENCODERS = {"conv1d": AudioConv1d}
 VIDEO_ENCODERS = {"conv": FrameConv}
+
+
+def encoder_class(modality: str, name: str, extra: tuple[str, ...] = ()):
+    """The registered encoder class ``name`` for ``modality`` (``model.<modality>_encoder``)."""
+    registry = {"audio": AUDIO_ENCODERS, "video": VIDEO_ENCODERS}[modality]
+    if name not in registry:
+        from avcl.errors import AvclError
+        raise AvclError(f"unknown model.{modality}_encoder '{name}' (known: {', '.join(extra + tuple(registry))})")
+    return registry[name]

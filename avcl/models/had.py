@@ -20,7 +20,7 @@ from avcl.data.samples import Samples
 from avcl.errors import AvclError
 from avcl.models import register_model
 from avcl.models.avnet import TokenPool
-from avcl.models.encoders import AUDIO_ENCODERS, VIDEO_ENCODERS
+from avcl.models.encoders import encoder_class
 from avcl.models.heads import IncrementalClassifier
 
 
@@ -59,18 +59,14 @@ class HADNet(nn.Module):
     def __init__(self, cfg, example: Samples):
         super().__init__()
         self.modalities = list(cfg.modalities)
-        registries = {"audio": (AUDIO_ENCODERS, cfg.audio_encoder), "video": (VIDEO_ENCODERS, cfg.video_encoder)}
         self.low = nn.ModuleDict()
         for m in self.modalities:
-            registry, name = registries[m]
-            shape = tuple(example[m].shape[1:])
-            if name == "linear":
+            name, shape = getattr(cfg, f"{m}_encoder"), tuple(example[m].shape[1:])
+            if name == "linear":  # snippet features (B, N, D) in
                 self.low[m] = SnippetLinear(shape[-1], cfg.embed_dim)
-            elif name in registry:
-                self.low[m] = RawSnippets(registry[name], shape, cfg.snippets, cfg.embed_dim)
             else:
-                raise AvclError(f"unknown model.{m}_encoder '{name}' for model 'had' "
-                                f"(known: linear, {', '.join(registry)})")
+                self.low[m] = RawSnippets(encoder_class(m, name, extra=("linear",)), shape, cfg.snippets,
+                                          cfg.embed_dim)
         width = cfg.embed_dim * len(self.modalities)
         self.snippet_fusion = nn.Sequential(nn.Linear(width, cfg.feature_dim), nn.ReLU())
         self.video = nn.Sequential(nn.Linear(cfg.feature_dim, cfg.feature_dim), nn.ReLU())
