@@ -44,6 +44,7 @@ class ModelConfig:
     # model "avcil" only (avcl/models/avcil.py):
     visual_grid: List[int] = field(default_factory=lambda: [8, 196])  # [T, P] of the video tokens
     encoders: str = "none"  # none: inputs are features | builtin: raw clips through the encoders above
+    attention_kernel: str = "fused"  # fused | reference (plain PyTorch ops, as the official code)
 
 
 @dataclass
@@ -58,6 +59,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     bf16: Optional[bool] = None  # bf16 autocast; None = on for CUDA, off elsewhere
     num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
+    # CPU runs on Linux/glibc: malloc keeps freed memory for reuse instead of mapping every large
+    # activation fresh from the OS (avcl.engine.trainer.keep_cpu_heap); false = leave malloc alone
+    cpu_keep_heap: bool = True
     # which epoch's weights a task ends with: last | best_val (highest accuracy on the val data
     # of all seen classes, evaluated after every epoch; AV-CIL's official checkpoint selection)
     model_selection: str = "last"

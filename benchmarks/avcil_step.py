@@ -4,22 +4,30 @@ On the same synthetic features, written in the official Kinetics-Sounds layout (
 dataset per video id, audio in a pickled dict), one epoch of an AV-CIL step >= 1 (all loss
 terms, old model, separate replay batch) is timed
 
-(a) through avcl: the ``avcil_official`` dataset (features resident in memory) and avcl's
-    Trainer (batch-indexed tensors);
-(b) through a per-sample ``torch.utils.data.Dataset`` + ``DataLoader`` that reads one HDF5
-    dataset per video for every sample, plus a second DataLoader for the exemplars, as the
-    official code does (same model, losses, batch sizes and optimiser);
+(a) as ``avcl run`` trains: the ``avcil_official`` dataset (features resident in memory),
+    avcl's Trainer (batch-indexed tensors), the fused attention kernel, the teacher's outputs
+    cached once per step, and (CPU) malloc's heap kept for reuse;
+(b) the official design: a per-sample ``torch.utils.data.Dataset`` + ``DataLoader`` that reads
+    one HDF5 dataset per video for every sample, plus a second DataLoader for the exemplars,
+    the official attention ops and the teacher re-run on every batch (same model, losses,
+    batch sizes and optimiser);
 
 and (c) the model FLOP rate of (a) (FLOPs of one step counted by torch's FlopCounterMode,
-matmul-like ops only) against the machine's measured float32 matmul peak.
+matmul-like ops only) against the machine's measured float32 matmul peak. It also times
+avcl's data path with the official computation, then with avcl's changes added one at a time
+(kept heap, fused kernel; the teacher cache gives (a)), to split the gain. Each design runs in
+its own process (malloc settings are process-wide).
 
-    python benchmarks/avcil_step.py [--videos 384 --grid 8 49 --dim 256 --device cpu]
+    python benchmarks/avcil_step.py [--videos 384 --grid 8 49 --dim 768 --device cpu]
 
 The last line holds every number as ``name=value`` pairs.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,9 +42,9 @@ from avcl.config import load_config
 from avcl.data.avcil_official import (AUDIO_FILE, VISUAL_H5_FILE, load_pickled_npy, read_protocol,
                                       write_synthetic_layout)
 from avcl.engine.runner import build_method, make_scenario
-from avcl.engine.trainer import Trainer, autocast_factory, make_optimizer
+from avcl.engine.trainer import Trainer, autocast_factory, keep_cpu_heap, make_optimizer
 
-EPOCHS = 2  # each design runs two epochs; the second is timed
+EPOCHS = 3  # each design runs three epochs; the faster of the last two is reported (the first warms up)
 
 
 class PerVideoDataset(Dataset):
@@ -65,18 +73,28 @@ def step1_method(cfg, scenario, device):
     return method
 
 
-def avcl_epoch(cfg, scenario, device) -> tuple[float, object, int]:
+def avcl_epoch(cfg, scenario, device) -> tuple[float, object, int, float]:
+    """(last epoch's seconds, the method, steps per epoch, seconds of the once-per-step teacher cache)."""
     method = step1_method(cfg, scenario, device)
     trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.bf16), cfg.eval.batch_size)
-    ends = []
+    ends, cache_seconds = [], []
+    build_cache = method.training_data
+
+    def timed_cache(data, replay):
+        start = time.perf_counter()
+        out = build_cache(data, replay)
+        sync(device)
+        cache_seconds.append(time.perf_counter() - start)
+        return out
 
     def on_epoch(epoch, loss):
         sync(device)
         ends.append(time.perf_counter())
 
+    method.training_data = timed_cache
     trainer.fit_task(method, scenario.tasks[1], on_epoch)
     steps = -(-len(scenario.tasks[1].train["label"]) // cfg.train.batch_size)
-    return ends[-1] - ends[-2], method, steps  # the last epoch: warm caches, no first-call costs
+    return min(b - a for a, b in zip(ends[:-1], ends[1:])), method, steps, cache_seconds[0]
 
 
 def official_epoch(cfg, scenario, folder: Path, ids_of, device, workers: int) -> float:
@@ -95,12 +113,14 @@ def official_epoch(cfg, scenario, folder: Path, ids_of, device, workers: int) ->
                            batch_size=cfg.train.replay_batch_size, shuffle=True, num_workers=workers)
     optimizer = make_optimizer(method.parameters(), cfg.train, cfg.train.lr)
     method.model.train()
-    for _ in range(EPOCHS):  # timed: the last one, like (a)
+    seconds = []
+    for _ in range(EPOCHS):
         sync(device)
         start = time.perf_counter()
         official_one_epoch(method, train, exemplars, optimizer, device)
         sync(device)
-    return time.perf_counter() - start
+        seconds.append(time.perf_counter() - start)
+    return min(seconds[1:])  # like (a)
 
 
 def official_one_epoch(method, train, exemplars, optimizer, device) -> None:
@@ -121,11 +141,14 @@ def official_one_epoch(method, train, exemplars, optimizer, device) -> None:
 
 
 def step_flops(method, scenario, cfg, device) -> float:
-    """FLOPs of one training step (forward, old-model forward, backward) at the configured batch sizes."""
+    """FLOPs of one training step (forward, the teacher's forward unless cached, backward)."""
     train, memory = scenario.tasks[1].train, method.memory.samples
-    batch = {k: torch.cat([train[k][:cfg.train.batch_size], memory[k][:cfg.train.replay_batch_size]]).to(device)
-             for k in train}
-    batch["from_memory"] = (torch.arange(len(batch["label"])) >= min(cfg.train.batch_size, len(train["label"]))).to(device)
+    new, replayed = min(cfg.train.batch_size, len(train["label"])), cfg.train.replay_batch_size
+    batch = {k: torch.cat([train[k][:new], memory[k][:replayed]]).to(device) for k in train}
+    batch["from_memory"] = (torch.arange(new + replayed) >= new).to(device)
+    if getattr(method, "teacher", None) is not None:  # rows of the step's teacher cache
+        offset = method.teacher["memory_offset"]
+        batch["teacher_row"] = torch.cat([torch.arange(new), offset + torch.arange(replayed)]).to(device)
     counter = FlopCounterMode(display=False)
     with counter:
         method.training_loss(batch).backward()
@@ -151,44 +174,81 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+DESIGNS = {
+    # name: (avcl's CPU heap kept, attention kernel, teacher cache)
+    "a": (True, "fused", True),  # avcl as `avcl run` runs it
+    "b": (False, "reference", False),  # the official design end to end
+    # avcl's data path with the official computation, then avcl's changes one at a time
+    "a_official_compute": (False, "reference", False),
+    "a_kept_heap": (True, "reference", False),
+    "a_kept_heap_fused": (True, "fused", False),
+}
+
+
+def measure(args, root: str) -> dict:
+    """One design, in this (fresh) process."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_heap, kernel, teacher_cache = DESIGNS[args.part]
+    device = torch.device(args.device)
+    if keep_heap and device.type == "cpu":
+        keep_cpu_heap()
+    cfg = load_config("avcil/ksounds", [
+        f"data.root={root}", "data.dtype=float32", "scenario.num_tasks=2", f"memory.size={args.videos // 2}",
+        f"model.visual_grid=[{args.grid[0]},{args.grid[1]}]", f"model.feature_dim={args.dim}",
+        f"model.attention_kernel={kernel}", f"method_args.avcil.teacher_cache={teacher_cache}",
+        f"train.epochs={EPOCHS}", "train.model_selection=last", f"train.batch_size={args.batch}",
+        f"train.replay_batch_size={args.replay_batch}", f"train.device={args.device}", "methods=[avcil]"])
+    scenario = make_scenario(cfg)
+    if args.part == "b":
+        protocol = read_protocol(Path(root) / "kinetics-sounds")
+        ids_of = {"train": protocol.ids["train"], "train_labels": protocol.labels["train"]}
+        return {"epoch_s": official_epoch(cfg, scenario, Path(root) / "kinetics-sounds", ids_of, device,
+                                          args.workers)}
+    seconds, method, steps, cache_seconds = avcl_epoch(cfg, scenario, device)
+    flops = step_flops(method, scenario, cfg, device)
+    return {"epoch_s": seconds, "teacher_cache_s": cache_seconds, "steps": steps, "step_flops": flops,
+            "peak_flops": matmul_peak(device), "videos": len(scenario.tasks[1].train["label"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--videos", type=int, default=384, help="training videos (val/test add 1/4 more)")
+    parser.add_argument("--videos", type=int, default=768, help="training videos (val/test add 1/4 more)")
     parser.add_argument("--classes", type=int, default=12)
     parser.add_argument("--grid", type=int, nargs=2, default=[8, 49], metavar=("T", "P"))
-    parser.add_argument("--dim", type=int, default=256, help="feature width (official: 768)")
+    parser.add_argument("--dim", type=int, default=768, help="feature width (official: 768)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--replay-batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers in (b)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--part", choices=sorted(DESIGNS), help=argparse.SUPPRESS)  # internal: one design
+    parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    if args.part:
+        print(json.dumps(measure(args, args.root)))
+        return
     per_class = args.videos // args.classes
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_synthetic_layout(tmp, "ksounds", num_classes=args.classes,
-                                        per_class=(per_class, max(1, per_class // 8), max(1, per_class // 8)),
-                                        audio_dim=args.dim, tokens=args.grid[0] * args.grid[1], video_dim=args.dim)
-        cfg = load_config("avcil/ksounds", [
-            f"data.root={tmp}", "data.dtype=float32", "scenario.num_tasks=2", f"memory.size={args.videos // 2}",
-            f"model.visual_grid=[{args.grid[0]},{args.grid[1]}]", f"model.feature_dim={args.dim}",
-            f"train.epochs={EPOCHS}", "train.model_selection=last", f"train.batch_size={args.batch}",
-            f"train.replay_batch_size={args.replay_batch}", f"train.device={args.device}", "methods=[avcil]"])
-        scenario = make_scenario(cfg)
-        protocol = read_protocol(folder)
-        ids_of = {"train": protocol.ids["train"], "train_labels": protocol.labels["train"]}
-        a_seconds, method, steps = avcl_epoch(cfg, scenario, device)
-        b_seconds = official_epoch(cfg, scenario, folder, ids_of, device, args.workers)
-        flops = step_flops(method, scenario, cfg, device)
-        peak = matmul_peak(device)
-    rate = flops * steps / a_seconds
-    print(f"grid={args.grid[0]}x{args.grid[1]}x{args.dim} videos_step1={len(scenario.tasks[1].train['label'])} "
-          f"steps={steps} device={device} threads={torch.get_num_threads()}")
-    print(f"a_avcl_epoch_s={a_seconds:.3f} b_official_epoch_s={b_seconds:.3f} b_over_a={b_seconds / a_seconds:.2f} "
-          f"step_gflop={flops / 1e9:.2f} achieved_gflops={rate / 1e9:.1f} matmul_peak_gflops={peak / 1e9:.1f} "
-          f"flop_fraction={rate / peak:.3f}")
+        write_synthetic_layout(tmp, "ksounds", num_classes=args.classes,
+                               per_class=(per_class, max(1, per_class // 8), max(1, per_class // 8)),
+                               audio_dim=args.dim, tokens=args.grid[0] * args.grid[1], video_dim=args.dim)
+        for part in DESIGNS:  # each in a fresh process: malloc settings are process-wide
+            done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part, "--root", tmp],
+                                  check=True, capture_output=True, text=True)
+            results[part] = json.loads(done.stdout.strip().splitlines()[-1])
+    a, b = results["a"], results["b"]
+    rate = a["step_flops"] * a["steps"] / a["epoch_s"]
+    print(f"grid={args.grid[0]}x{args.grid[1]}x{args.dim} videos_step1={a['videos']} steps={a['steps']} "
+          f"device={args.device} threads={args.threads or torch.get_num_threads()} "
+          f"a_teacher_cache_once_per_step_s={a['teacher_cache_s']:.3f}")
+    print(f"a_avcl_epoch_s={a['epoch_s']:.3f} b_official_epoch_s={b['epoch_s']:.3f} "
+          f"b_over_a={b['epoch_s'] / a['epoch_s']:.2f} "
+          + "".join(f"{name}_epoch_s={results[name]['epoch_s']:.3f} " for name in
+                    ("a_official_compute", "a_kept_heap", "a_kept_heap_fused")) +
+          f"step_gflop={a['step_flops'] / 1e9:.4g} achieved_gflops={rate / 1e9:.4g} "
+          f"matmul_peak_gflops={a['peak_flops'] / 1e9:.1f} flop_fraction={rate / a['peak_flops']:.3g}")
 
 
 if __name__ == "__main__":

@@ -33,27 +33,59 @@ def feature_model(grid=(3, 5), audio_dim=12, video_dim=10, classes=4, **kw):
 
 def test_attention_maps_are_distributions_and_flat_or_grid_tokens_agree():
     model, example = feature_model()
-    out = model(example)
-    assert out["spatial_attention"].shape == (6, 3, 5, 10) and out["temporal_attention"].shape == (6, 3, 10)
-    torch.testing.assert_close(out["spatial_attention"].sum(dim=2), torch.ones(6, 3, 10))
+    out = model(example, attention_rows=torch.arange(6))
+    spatial = out["spatial_log_attention"].exp()
+    assert spatial.shape == (6, 3, 5, 10) and out["temporal_attention"].shape == (6, 3, 10)
+    torch.testing.assert_close(spatial.sum(dim=2), torch.ones(6, 3, 10))
     torch.testing.assert_close(out["temporal_attention"].sum(dim=1), torch.ones(6, 10))
-    assert (out["spatial_attention"] >= 0).all()
+    assert (spatial > 0).all()
+    assert model(example)["spatial_log_attention"].shape == (0, 3, 5, 10)  # maps only when asked for
+    picked = model(example, attention_rows=torch.tensor([4, 1]))["spatial_log_attention"]
+    torch.testing.assert_close(picked, out["spatial_log_attention"][[4, 1]])
     grid = {**example, "video": example["video"].reshape(6, 3, 5, 10)}
     torch.testing.assert_close(model(grid)["logits"], out["logits"])
     torch.testing.assert_close(out["audio_embedding"].norm(dim=1), torch.ones(6))
 
 
-def test_attention_hand_case():
+@pytest.mark.parametrize("kernel", ["fused", "reference"])
+def test_attention_hand_case(kernel):
     # Equal visual keys -> uniform spatial attention: each frame pools the mean of its raw tokens.
     tokens = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]]]])  # (B=1, T=1, P=2, D=2)
-    out = audio_guided_attention(torch.tensor([[0.3, -0.2]]), torch.full((1, 1, 2, 2), 0.5), tokens)
-    torch.testing.assert_close(out["spatial_attention"], torch.full((1, 1, 2, 2), 0.5))
+    out = audio_guided_attention(torch.tensor([[0.3, -0.2]]), torch.full((1, 1, 2, 2), 0.5), tokens, kernel=kernel)
+    torch.testing.assert_close(out["spatial_log_attention"].exp(), torch.full((1, 1, 2, 2), 0.5))
     torch.testing.assert_close(out["pooled"], torch.tensor([[2.0, 4.0]]))
-    # Two patches, one channel: scores k_p * a = [0, ln 3] -> attention [1/4, 3/4] on the raw tokens.
-    key = torch.tensor([[[[0.0], [math.log(3) / 2]]]])
-    out = audio_guided_attention(torch.tensor([[2.0]]), key, torch.tensor([[[[4.0], [8.0]]]]))
-    torch.testing.assert_close(out["spatial_attention"][0, 0, :, 0], torch.tensor([0.25, 0.75]))
-    torch.testing.assert_close(out["pooled"], torch.tensor([[7.0]]))
+    # Two patches, one channel: keys tanh(pre) = [0, ln 2], audio key 1 -> scores [0, ln 2]
+    # -> attention [1/3, 2/3] applied to the raw tokens [4, 8].
+    pre = torch.tensor([[[[0.0], [math.atanh(math.log(2))]]]])
+    out = audio_guided_attention(torch.tensor([[1.0]]), pre, torch.tensor([[[[4.0], [8.0]]]]), kernel=kernel)
+    torch.testing.assert_close(out["spatial_log_attention"].exp()[0, 0, :, 0], torch.tensor([1 / 3, 2 / 3]))
+    torch.testing.assert_close(out["pooled"], torch.tensor([[20 / 3]]))
+
+
+@pytest.mark.parametrize("tokens_need_grad", [False, True])
+def test_fused_kernel_matches_the_reference_values_and_gradients(tokens_need_grad, monkeypatch):
+    import avcl.models.avcil_attention as kernels
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 2 * 4 * 5 * 6 * 8)  # 2 samples per chunk: 3 chunks
+    torch.manual_seed(0)
+    audio_key = torch.tanh(torch.randn(5, 6, dtype=torch.float64)).requires_grad_()
+    visual_pre = torch.randn(5, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(5, 3, 4, 6, dtype=torch.float64, requires_grad=tokens_need_grad)
+    rows = torch.tensor([4, 1])  # rows in different chunks, out of order
+    inputs = [audio_key, visual_pre] + ([tokens] if tokens_need_grad else [])
+    results = []
+    for kernel in ("reference", "fused"):
+        out = audio_guided_attention(audio_key, visual_pre, tokens, rows, kernel)
+        weights = torch.Generator().manual_seed(1)
+        loss = sum((out[k] * torch.randn(out[k].shape, generator=weights, dtype=torch.float64)).sum()
+                   for k in ("pooled", "spatial_log_attention", "temporal_scores"))
+        results.append([out["pooled"], out["spatial_log_attention"], *torch.autograd.grad(loss, inputs)])
+    for reference, fused in zip(*results):
+        torch.testing.assert_close(fused, reference)
+
+
+def test_unknown_attention_kernel_is_a_clear_error():
+    with pytest.raises(AvclError, match="model.attention_kernel"):
+        feature_model(attention_kernel="fast")
 
 
 def test_wrong_grid_is_a_clear_error():
@@ -66,7 +98,7 @@ def test_unimodal_variants():
     for modalities, used in ((["audio"], "audio_proj"), (["video"], "visual_proj")):
         model, example = feature_model(modalities=modalities)
         out = model(example)
-        assert out["logits"].shape == (6, 4) and "spatial_attention" not in out
+        assert out["logits"].shape == (6, 4) and "spatial_log_attention" not in out
         assert hasattr(model, used) and not hasattr(model, "attn_audio_proj")
     model, example = feature_model(modalities=["video"])
     expected = torch.relu(model.visual_proj(example["video"].mean(dim=1)))
@@ -102,10 +134,10 @@ def test_class_contrastive_official_and_paper_normalisation():
 
 def test_attention_kl_hand_case():
     old = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
-    scores = torch.tensor([[0.0, math.log(3)], [0.0, math.log(3)]])  # softmax = [1/4, 3/4]
+    new_log = torch.tensor([[0.25, 0.75], [0.25, 0.75]]).log()
     kl = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
-    assert attention_kl(old, scores, dim=1).item() == pytest.approx(kl, rel=1e-6)  # summed, / batch of 2
-    assert attention_kl(old, old.log(), dim=1).item() == pytest.approx(0.0, abs=1e-7)
+    assert attention_kl(old, new_log).item() == pytest.approx(kl, rel=1e-6)  # summed, / batch of 2
+    assert attention_kl(old, old.log()).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def _second_step(overrides=()):
@@ -133,6 +165,13 @@ def test_loss_terms_at_a_later_step_and_ablations():
             p.add_(0.05 * torch.randn_like(p))
     terms = method.loss_terms(batch)
     assert terms["vad_spatial"] > 0 and terms["vad_temporal"] > 0 and terms["tkd"] > 0
+    # The per-step teacher cache gives the same terms as running the teacher on every batch.
+    data, replay = method.training_data({**batch, "from_memory": torch.zeros(12, dtype=torch.bool)},
+                                        {k: v[8:] for k, v in batch.items()})
+    assert method.teacher["spatial_attention"].shape[0] == 4
+    cached = method.loss_terms({**batch, "teacher_row": torch.cat([data["teacher_row"][:8], replay["teacher_row"]])})
+    for name, value in terms.items():
+        torch.testing.assert_close(cached[name], value, msg=name)
     assert set(_second_step(["method_args.avcil.use_davsc=false"])[0].loss_terms(batch)) == {
         "ss_ce", "tkd", "vad_spatial", "vad_temporal"}
     assert set(_second_step(["method_args.avcil.use_vad=false"])[0].loss_terms(batch)) == {
@@ -164,3 +203,19 @@ def test_unknown_model_selection_is_a_clear_error(tmp_path):
     cfg = load_config("synthetic", AVCIL_SYNTH + ["methods=[avcil]", "train.model_selection=best"])
     with pytest.raises(AvclError, match="train.model_selection must be 'last' or 'best_val'"):
         execute(cfg, tmp_path, show_progress=False)
+
+
+def test_speed_benchmark_runs_every_design_and_prints_its_figures_last():
+    """A smoke run (tiny sizes; no timing is asserted): every design trains, the last line is name=value."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parents[1] / "benchmarks" / "avcil_step.py"
+    done = subprocess.run([sys.executable, str(script), "--videos", "48", "--classes", "4", "--grid", "2", "4",
+                           "--dim", "16", "--batch", "8", "--replay-batch", "4", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    figures = dict(pair.split("=") for pair in done.stdout.strip().splitlines()[-1].split())
+    for name in ("a_avcl_epoch_s", "b_official_epoch_s", "b_over_a", "a_official_compute_epoch_s",
+                 "a_kept_heap_epoch_s", "a_kept_heap_fused_epoch_s", "step_gflop", "flop_fraction"):
+        assert float(figures[name]) > 0, name

@@ -9,13 +9,14 @@ from avcl.data import build_dataset
 from avcl.data.avcil_official import STORE_FILE, AVCILOfficialOptions, write_synthetic_layout
 from avcl.data.store import open_store
 from avcl.engine.runner import execute
+from avcl.eval.report import report
 from conftest import run_cli
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECIPES = {"avcil/ave": ("AVE", 28), "avcil/ksounds": ("ksounds", 30), "avcil/vggsound100": ("VGGSound_100", 100)}
-BASELINES = ("ssil", "icarl", "lwf", "finetune", "joint")
+BASELINES = ("ssil", "icarl", "afc", "lwf", "finetune", "joint")
 
 
 def tiny(root, epochs=2):
@@ -37,6 +38,10 @@ def test_official_recipe_runs_end_to_end(tmp_path, recipe):
     for name, m in results.items():
         assert m["complete"] and len(m["accuracy_matrix"]) == cfg.scenario.num_tasks, name
         assert m["forgetting_variant"] == "avcil"
+    # AFC-LSC and AFC-NME, iCaRL-NME and iCaRL-FC: one run each, the second head as its own table row
+    assert set(results["afc"]["heads"]) == {"nme"} and set(results["icarl"]["heads"]) == {"fc"}
+    table = report(tmp_path / "run")
+    assert "| afc [nme] " in table and "| icarl [fc] " in table
     if recipe == "avcil/ave":  # low noise: the first task is learned in a few epochs
         assert results["avcil"]["accuracy_matrix"][0][0] >= 0.5, results["avcil"]["accuracy_matrix"]
 

@@ -28,7 +28,7 @@ from avcl.data.samples import concat
 from avcl.data.scenario import class_incremental
 from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
                                     set_rng_state)
-from avcl.engine.trainer import Trainer, autocast_factory, pick_device
+from avcl.engine.trainer import Trainer, autocast_factory, keep_cpu_heap, pick_device
 from avcl.eval.evaluator import accuracy_per_task
 from avcl.eval.metrics import summarize
 from avcl.models import build_model
@@ -165,7 +165,8 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
-    log("run_start", recipe=cfg.name, device=str(device), methods=list(cfg.methods),
+    heap_kept = device.type == "cpu" and cfg.train.cpu_keep_heap and keep_cpu_heap()
+    log("run_start", recipe=cfg.name, device=str(device), cpu_heap_kept=heap_kept, methods=list(cfg.methods),
         tasks=[task.classes for task in scenario.tasks])
     # What the run was trained on, as plain data anyone can reproduce: classes, order, tasks, provenance.
     atomic_write_json(run_dir / "dataset.json", {

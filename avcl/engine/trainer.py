@@ -8,7 +8,9 @@ Task data stays resident on the device and is batch-indexed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import sys
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -28,6 +30,28 @@ def pick_device(name: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def keep_cpu_heap() -> bool:
+    """Make glibc malloc serve every allocation from its heap and keep freed memory for reuse.
+
+    By default glibc maps each large block (every activation of a big batch) fresh from the OS
+    and unmaps it on free, so every op's output page-faults on first touch; on AV-CIL's
+    (B, T, P, D) attention tensors that cost as much as the arithmetic (sys time ~ user time,
+    and far more inside VMs). This is what a caching allocator (jemalloc, tcmalloc, CUDA's)
+    avoids. Cost: the process keeps its peak heap until it exits. Linux with glibc only;
+    returns whether it was applied (elsewhere malloc is left alone).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def autocast_factory(device: torch.device, bf16: Optional[bool]) -> Callable[[], contextlib.AbstractContextManager]:
@@ -81,6 +105,8 @@ class Trainer:
             data = concat([data, flagged(memory, True)])
         elif memory is not None:
             replay = flagged(memory, True)
+        with torch.no_grad(), self.autocast():
+            data, replay = method.training_data(data, replay)
         optimizer = make_optimizer(method.parameters(), cfg, hp.lr or cfg.lr)
         method.model.train()
         for epoch in range(hp.epochs or cfg.epochs):

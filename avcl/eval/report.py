@@ -58,6 +58,8 @@ def format_table(results: dict[str, dict]) -> str:
     for name, m in results.items():
         done = f"{m['tasks_done']}/{m['num_tasks']}" + ("" if m.get("complete") else " (partial)")
         rows.append([name] + [f"{m[key]:.4f}" for key, _ in COLUMNS] + [f"{m['train_seconds']:.1f} s", done])
+        for head, h in m.get("heads", {}).items():  # the same model through another classifier
+            rows.append([f"{name} [{head}]"] + [f"{h[key]:.4f}" for key, _ in COLUMNS] + ["same run", done])
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])

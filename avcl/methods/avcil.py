@@ -17,7 +17,9 @@ replayed as a separate batch (``train.replay_batch_size``) joined to every new-d
     (over time, summed over channels), each summed over the replayed samples and divided by B_e.
 
 Defaults are the official AVE settings (lambda_I 0.5); the K-S / VS100 recipes set 0.1.
-Deviations: the old model is the in-memory best/last model of the previous task (the official
+Speed: with ``teacher_cache`` (default) the teacher's outputs are computed once per step, not
+in every batch (the official code re-runs the old model on every batch); the numbers are
+the same. Deviations: the old model is the in-memory best/last model of the previous task (the official
 code reloads the same weights from disk); replay batches are drawn at random with replacement
 from memory (official: a cycled, shuffled exemplar DataLoader); new-data batches keep the last
 partial batch (official: drop_last). Loss terms are computed in float32 under autocast.
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from avcl.data.samples import batches, num_samples
 from avcl.errors import AvclError
 from avcl.methods import register
 from avcl.methods.base import Hparams, Method, taskwise_kd
@@ -48,6 +51,9 @@ class AVCILHparams(Hparams):
     class_norm: str = "official"  # official (divide by B) | paper (Eq. 7: by the number of positives)
     use_vad: bool = True  # visual attention distillation on exemplars
     vad_lambda: float = 0.5  # spatial share of VAD; temporal gets 1 - vad_lambda
+    # compute the frozen teacher's outputs once per step (logits of every sample, attention maps
+    # of the exemplars: memory x T x P x D floats) instead of in every batch; same numbers
+    teacher_cache: bool = True
 
 
 def instance_contrastive(audio: torch.Tensor, visual: torch.Tensor, tau: float) -> torch.Tensor:
@@ -69,13 +75,13 @@ def class_contrastive(audio: torch.Tensor, visual: torch.Tensor, labels: torch.T
     return -per_anchor.mean()
 
 
-def attention_kl(old: torch.Tensor, new_scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """Σ over every distribution along ``dim`` of KL(old || softmax(new_scores)), divided by the batch size.
+def attention_kl(old: torch.Tensor, new_log: torch.Tensor) -> torch.Tensor:
+    """Σ over every distribution of KL(old || new), divided by the batch size.
 
-    ``old`` are the teacher's probabilities; the student's are given as scores for a stable log.
+    ``old`` are the teacher's probabilities, ``new_log`` the student's log-probabilities.
     """
     old = old.float()
-    kl = old * (old.clamp_min(1e-12).log() - new_scores.float().log_softmax(dim=dim))
+    kl = old * (old.clamp_min(1e-12).log() - new_log.float())
     return kl.sum() / len(old)
 
 
@@ -97,14 +103,59 @@ class AVCIL(Method):
         if model.modalities != ["audio", "video"]:
             raise AvclError(f"method avcil needs model.modalities=[audio, video], got {model.modalities}")
 
+    def training_data(self, data, replay):
+        """With ``teacher_cache``: the teacher's outputs for every sample of the step, computed once.
+
+        The teacher is frozen and avcl applies no augmentation, so its logits and attention maps
+        per sample are fixed for the whole step; samples carry ``teacher_row``, their row in the cache.
+        """
+        self.teacher = None
+        if self.old_model is None or not self.hp.teacher_cache:
+            return data, replay
+        parts = [data] + ([replay] if replay else [])
+        logits, spatial, temporal = [], [], []
+        for part, is_memory in zip(parts, (False, True)):
+            for batch in batches(part, self.cfg.eval.batch_size):
+                rows = torch.arange(num_samples(batch), device=batch["label"].device) \
+                    if is_memory and self.hp.use_vad else None
+                out = self.old_model(batch, attention_rows=rows)
+                logits.append(out["logits"].float())
+                if rows is not None:
+                    spatial.append(out["spatial_log_attention"].exp())
+                    temporal.append(out["temporal_attention"].float())
+        self.teacher = {"logits": torch.cat(logits), "memory_offset": num_samples(data)}
+        if spatial:
+            self.teacher.update(spatial_attention=torch.cat(spatial), temporal_attention=torch.cat(temporal))
+        offsets = [0, num_samples(data)]
+        tagged = [{**part, "teacher_row": offset + torch.arange(num_samples(part), device=part["label"].device)}
+                  for part, offset in zip(parts, offsets)]
+        return tagged[0], (tagged[1] if replay else replay)
+
+    @torch.no_grad()
+    def teacher_outputs(self, batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's logits for the batch; spatial / temporal attention for ``rows``."""
+        if getattr(self, "teacher", None) is None:
+            old = self.old_model(batch, attention_rows=rows)
+            return {"logits": old["logits"], "spatial_attention": old["spatial_log_attention"].exp(),
+                    "temporal_attention": old["temporal_attention"][rows]}
+        cache_rows = batch["teacher_row"]
+        old = {"logits": self.teacher["logits"][cache_rows]}
+        if len(rows):
+            memory_rows = cache_rows[rows] - self.teacher["memory_offset"]
+            old.update(spatial_attention=self.teacher["spatial_attention"][memory_rows],
+                       temporal_attention=self.teacher["temporal_attention"][memory_rows])
+        return old
+
     def loss_terms(self, batch) -> dict[str, torch.Tensor]:
         """Every loss term of the current step, by name (their sum is the training loss)."""
-        out = self.model(batch)
+        hp = self.hp
+        distill_attention = self.old_model is not None and hp.use_vad
+        rows = batch["from_memory"].nonzero().squeeze(1) if distill_attention else None
+        out = self.model(batch, attention_rows=rows)
         logits, labels = out["logits"], batch["label"]
         if self.old_model is None:
             return {"ce": F.cross_entropy(logits, labels)}
-        hp = self.hp
-        old = self.old_outputs(batch)
+        old = self.teacher_outputs(batch, rows if rows is not None else labels[:0])
         terms = {"ss_ce": separated_softmax_ce(logits, labels, batch["from_memory"], self.old_classes),
                  "tkd": hp.kd_weight * taskwise_kd(logits.float(), old["logits"].float(),
                                                    self.task_ranges[:-1], hp.temperature)}
@@ -112,12 +163,11 @@ class AVCIL(Method):
             a, v = out["audio_embedding"], out["visual_embedding"]
             terms["davsc_instance"] = hp.lambda_i * instance_contrastive(a, v, hp.tau)
             terms["davsc_class"] = hp.lambda_c * class_contrastive(a, v, labels, hp.tau, hp.class_norm)
-        replayed = batch["from_memory"]
-        if hp.use_vad and replayed.any():
+        if distill_attention and len(rows):
             terms["vad_spatial"] = hp.vad_lambda * attention_kl(
-                old["spatial_attention"][replayed], out["spatial_scores"][replayed], dim=2)
+                old["spatial_attention"], out["spatial_log_attention"])
             terms["vad_temporal"] = (1 - hp.vad_lambda) * attention_kl(
-                old["temporal_attention"][replayed], out["temporal_scores"][replayed], dim=1)
+                old["temporal_attention"], out["temporal_scores"][rows].log_softmax(dim=1))
         return terms
 
     def training_loss(self, batch):

@@ -73,6 +73,14 @@ class Method(ABC):
         self.task_ranges.append((self.seen_classes, self.seen_classes + len(task.classes)))
         self.model.head.grow(self.seen_classes)
 
+    def training_data(self, data: Samples, replay: Optional[Samples]) -> tuple[Samples, Optional[Samples]]:
+        """The step's training data and separate replay memory, as the batches will be cut from them.
+
+        Called once per task after ``before_task`` (no grad, under the trainer's autocast); a
+        method may add per-sample fields that stay fixed for the task (e.g. cached teacher outputs).
+        """
+        return data, replay
+
     @abstractmethod
     def training_loss(self, batch: Samples) -> torch.Tensor:
         """The loss of one training batch (the engine does backward and the optimizer step)."""

@@ -19,6 +19,63 @@ from avcl.methods import register
 from avcl.methods.base import Hparams, Method
 
 
+def exemplar_means(method: Method) -> torch.Tensor:
+    """iCaRL's class means: per seen class, the L2-normalised mean of its exemplars' L2-normalised
+    fused features (``method.memory``, embedded by the current model)."""
+    features = F.normalize(method.embed_features(method.memory.samples), dim=1)
+    labels = method.memory.samples["label"]
+    means = torch.zeros(method.seen_classes, features.shape[1], device=features.device)
+    means.index_add_(0, labels, features)
+    return F.normalize(means, dim=1)
+
+
+@torch.no_grad()
+def nearest_mean_scores(model, batch, class_means: torch.Tensor) -> torch.Tensor:
+    """NME scores: minus the distance of the L2-normalised features to each class mean."""
+    features = F.normalize(model.embed(batch)["features"].float(), dim=1)
+    return -torch.cdist(features, class_means)
+
+
+class NearestMeanHead:
+    """Mixin for methods with iCaRL's NME classifier next to the model's own head (``own_head``).
+
+    ``hp.classifier`` ("nme" or ``own_head``) picks the reported head; the other is reported
+    too (``extra_heads``). Class means are recomputed from the memory after every task.
+    """
+    own_head = "fc"
+
+    def __init__(self, model, hparams, cfg):
+        super().__init__(model, hparams, cfg)
+        if hparams.classifier not in ("nme", self.own_head):
+            raise AvclError(f"method_args.{self.name}.classifier must be 'nme' or '{self.own_head}', "
+                            f"got '{hparams.classifier}'")
+        self.class_means = torch.empty(0)
+
+    def after_task(self, task):
+        super().after_task(task)
+        self.class_means = exemplar_means(self)
+
+    def predict_nme(self, batch):
+        return nearest_mean_scores(self.model, batch, self.class_means)
+
+    @torch.no_grad()
+    def predict_own(self, batch):
+        return Method.predict(self, batch)
+
+    def predict(self, batch):
+        return self.predict_nme(batch) if self.hp.classifier == "nme" else self.predict_own(batch)
+
+    def extra_heads(self):
+        return {self.own_head: self.predict_own} if self.hp.classifier == "nme" else {"nme": self.predict_nme}
+
+    def state_dict(self):
+        return {**super().state_dict(), "class_means": self.class_means}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.class_means = state["class_means"]
+
+
 @dataclass
 class ICaRLHparams(Hparams):
     kd_weight: float = 1.0
@@ -26,19 +83,14 @@ class ICaRLHparams(Hparams):
 
 
 @register
-class ICaRL(Method):
+class ICaRL(NearestMeanHead, Method):
     name = "icarl"
     description = "iCaRL: herding exemplars, sigmoid distillation, nearest-mean-of-exemplars classifier"
     Hparams = ICaRLHparams
     memory_budget = "config"
     selection = "herding"
     replay = "merge"
-
-    def __init__(self, model, hparams, cfg):
-        super().__init__(model, hparams, cfg)
-        if hparams.classifier not in ("nme", "fc"):
-            raise AvclError(f"method_args.icarl.classifier must be 'nme' or 'fc', got '{hparams.classifier}'")
-        self.class_means = torch.empty(0)
+    own_head = "fc"
 
     def training_loss(self, batch):
         logits = self.model(batch)["logits"]
@@ -48,33 +100,3 @@ class ICaRL(Method):
             loss = loss + self.hp.kd_weight * F.binary_cross_entropy_with_logits(
                 logits[:, :self.old_classes].float(), target)
         return loss
-
-    def after_task(self, task):
-        super().after_task(task)
-        features = F.normalize(self.embed_features(self.memory.samples), dim=1)
-        labels = self.memory.samples["label"]
-        means = torch.zeros(self.seen_classes, features.shape[1], device=features.device)
-        means.index_add_(0, labels, features)
-        self.class_means = F.normalize(means, dim=1)
-
-    @torch.no_grad()
-    def predict_nme(self, batch):
-        features = F.normalize(self.model.embed(batch)["features"].float(), dim=1)
-        return -torch.cdist(features, self.class_means)
-
-    @torch.no_grad()
-    def predict_fc(self, batch):
-        return super().predict(batch)
-
-    def predict(self, batch):
-        return self.predict_nme(batch) if self.hp.classifier == "nme" else self.predict_fc(batch)
-
-    def extra_heads(self):
-        return {"fc": self.predict_fc} if self.hp.classifier == "nme" else {"nme": self.predict_nme}
-
-    def state_dict(self):
-        return {**super().state_dict(), "class_means": self.class_means}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.class_means = state["class_means"]
