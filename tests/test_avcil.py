@@ -81,6 +81,11 @@ def test_fused_kernel_matches_the_reference_values_and_gradients(tokens_need_gra
         results.append([out["pooled"], out["spatial_log_attention"], *torch.autograd.grad(loss, inputs)])
     for reference, fused in zip(*results):
         torch.testing.assert_close(fused, reference)
+    # The fused backward writes into its saved buffers: a second backward is refused, not wrong.
+    loss = audio_guided_attention(audio_key, visual_pre, tokens, rows, "fused")["pooled"].sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
 
 
 def test_unknown_attention_kernel_is_a_clear_error():

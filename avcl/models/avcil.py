@@ -12,7 +12,7 @@ Follows the official ``IncreAudioVisualNet``:
   for the rows asked for, the spatial log-attention (for VAD).
 * The spatial attention runs through avcl's fused kernel (``model.attention_kernel=fused``,
   the default; ``reference`` = the plain PyTorch ops of the official code): same numbers,
-  1.23x faster AV-CIL steps on CPU (avcl/models/avcil_attention.py, benchmarks/avcil_step.py).
+  1.24x faster AV-CIL steps on CPU (avcl/models/avcil_attention.py, benchmarks/avcil_step.py).
 * Modality variants: ``model.modalities=[audio]``: logits from ReLU(W_a a);
   ``[video]``: mean over all tokens -> ReLU(W_v .) -> classifier (no attention).
 

@@ -43,59 +43,76 @@ def _chunks(batch: int, step: int):
 
 
 class FusedSpatialAttention(torch.autograd.Function):
-    """``apply(audio_key, visual_pre, tokens, rows)`` -> (u, v, log α[rows]); see the module doc."""
+    """``apply(audio_key, visual_pre, tokens, rows)`` -> (u, v, log α[rows]); see the module doc.
+
+    Kept for the backward: V̂, the unnormalised weights E = exp(V̂ ⊙ â) and r = 1 / Σ_p E
+    (α = E r: the normalisation is folded into the small (B, T, D) factors instead of a pass
+    over E). With h = dL/dα, the softmax backward's Σ_p α h equals gu ⊙ u + gv ⊙ v, so no
+    reduction over the patches is needed for it.
+    """
 
     @staticmethod
     def forward(ctx, audio_key, visual_pre, tokens, rows):
         batch, frames, patches, dim = visual_pre.shape
         visual_key = torch.empty_like(visual_pre)
-        spatial = torch.empty_like(visual_pre)
+        weights = torch.empty_like(visual_pre)  # E
         u = visual_pre.new_empty(batch, frames, dim)
         v = visual_pre.new_empty(batch, frames, dim)
         step = _chunk_rows(visual_pre)
         scratch = visual_pre.new_empty(step, frames, patches, dim)
         for i, j in _chunks(batch, step):
-            vk, alpha, tmp = visual_key[i:j], spatial[i:j], scratch[:j - i]
+            vk, e, tmp = visual_key[i:j], weights[i:j], scratch[:j - i]
             torch.tanh(visual_pre[i:j], out=vk)
-            torch.mul(vk, audio_key[i:j, None, None, :], out=alpha)
-            alpha.exp_()  # |score| <= 1: no max-subtraction needed
-            alpha.div_(alpha.sum(dim=2, keepdim=True))
-            torch.sum(torch.mul(alpha, vk, out=tmp), dim=2, out=u[i:j])
-            torch.sum(torch.mul(alpha, tokens[i:j], out=tmp), dim=2, out=v[i:j])
-        log_spatial = spatial[rows].log()  # α >= exp(-2) / P > 0
-        ctx.save_for_backward(audio_key, visual_key, spatial, tokens, rows)
+            torch.mul(vk, audio_key[i:j, None, None, :], out=e)
+            e.exp_()  # |score| <= 1: no max-subtraction needed
+            torch.sum(torch.mul(e, vk, out=tmp), dim=2, out=u[i:j])
+            torch.sum(torch.mul(e, tokens[i:j], out=tmp), dim=2, out=v[i:j])
+        inverse_total = weights.sum(dim=2, keepdim=True).reciprocal_()  # r = 1 / Σ_p E, (B, T, 1, D)
+        u.mul_(inverse_total.squeeze(2))
+        v.mul_(inverse_total.squeeze(2))
+        log_spatial = weights[rows].log_().add_(inverse_total[rows].log())  # α >= exp(-2) / P > 0
+        ctx.save_for_backward(audio_key, visual_key, weights, inverse_total, tokens, rows, u, v)
         return u, v, log_spatial
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_u, grad_v, grad_log_spatial):
-        audio_key, visual_key, spatial, tokens, rows = ctx.saved_tensors
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError("FusedSpatialAttention's backward reuses its saved buffers: it runs once "
+                               "(retain_graph is not supported; use model.attention_kernel=reference)")
+        ctx.backward_done = True
+        audio_key, visual_key, weights, inverse_total, tokens, rows, u, v = ctx.saved_tensors
         batch, frames, patches, dim = visual_key.shape
         need_tokens = ctx.needs_input_grad[2]
-        grad_audio = audio_key.new_zeros(batch, dim)
-        grad_pre = torch.empty_like(visual_key)
+        # ds = α (h - Σ_p α h) with h = gu V̂ + gv V, Σ_p α h = gu u + gv v; log α's gradient g adds
+        # g - α Σ_p g. Everything per (t, d) is scaled by r here, once, so E stands in for α below.
+        centre = grad_u * u + grad_v * v
+        centre.index_add_(0, rows, grad_log_spatial.sum(dim=2))
+        scale = inverse_total.squeeze(2)
+        grad_u, grad_v = (grad_u * scale)[:, :, None, :], (grad_v * scale)[:, :, None, :]
+        centre = (centre * scale)[:, :, None, :]
+        grad_audio = audio_key.new_empty(batch, dim)
+        # dL/dK overwrites V̂ chunk by chunk, after the chunk's last read of V̂: V̂'s memory is
+        # already mapped, while a fresh (B, T, P, D) buffer page-faults on first touch
+        grad_pre = visual_key
         grad_tokens = torch.empty_like(tokens) if need_tokens else None
-        grad_u, grad_v = grad_u[:, :, None, :], grad_v[:, :, None, :]  # materialised by autograd
-        # d log α / d α = 1 / α: route log α's gradient through α, then one softmax backward for all
-        grad_alpha_rows = grad_log_spatial / spatial[rows]
         step = _chunk_rows(visual_key)
         work = visual_key.new_empty(step, frames, patches, dim)
         other = torch.empty_like(work)
         for i, j in _chunks(batch, step):
-            vk, alpha, gu, gv = visual_key[i:j], spatial[i:j], grad_u[i:j], grad_v[i:j]
-            grad_alpha, tmp = work[:j - i], other[:j - i]
-            torch.mul(vk, gu, out=grad_alpha)  # dL/dα = gu V̂ + gv V (+ the log α term)
-            grad_alpha.addcmul_(tokens[i:j], gv)
+            vk, e, gu, gv = visual_key[i:j], weights[i:j], grad_u[i:j], grad_v[i:j]
+            scores_grad, tmp = work[:j - i], other[:j - i]
+            torch.mul(vk, gu, out=scores_grad)  # (h - Σ_p α h) r ...
+            scores_grad.addcmul_(tokens[i:j], gv).sub_(centre[i:j])
+            scores_grad.mul_(e)  # ... x E = ds
             in_chunk = ((rows >= i) & (rows < j)).nonzero().squeeze(1)
             if len(in_chunk):
-                grad_alpha.index_add_(0, rows[in_chunk] - i, grad_alpha_rows[in_chunk])
-            torch.mul(alpha, grad_alpha, out=tmp)  # softmax backward: ds = α (dα - Σ_p α dα)
-            tmp.addcmul_(alpha, tmp.sum(dim=2, keepdim=True), value=-1)
-            scores_grad = tmp
-            torch.sum(torch.mul(scores_grad, vk, out=grad_alpha), dim=(1, 2), out=grad_audio[i:j])
-            torch.mul(scores_grad, audio_key[i:j, None, None, :], out=grad_alpha)  # dL/dV̂
-            grad_alpha.addcmul_(alpha, gu)
-            torch.mul(vk, vk, out=tmp)  # tanh backward: g (1 - V̂²) = g - g V̂²
-            torch.addcmul(grad_alpha, grad_alpha, tmp, value=-1, out=grad_pre[i:j])
+                scores_grad.index_add_(0, rows[in_chunk] - i, grad_log_spatial[in_chunk])
+            torch.sum(torch.mul(scores_grad, vk, out=tmp), dim=(1, 2), out=grad_audio[i:j])
+            torch.mul(scores_grad, audio_key[i:j, None, None, :], out=tmp)  # dL/dV̂ = ds â + gu α
+            tmp.addcmul_(e, gu)
+            torch.mul(vk, vk, out=scores_grad)  # tanh backward: g (1 - V̂²) = g - g V̂²
+            torch.addcmul(tmp, tmp, scores_grad, value=-1, out=grad_pre[i:j])
             if need_tokens:
-                torch.mul(alpha, gv, out=grad_tokens[i:j])
+                torch.mul(e, gv, out=grad_tokens[i:j])
         return grad_audio, grad_pre, grad_tokens, None
