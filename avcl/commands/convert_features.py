@@ -10,23 +10,15 @@ conversion resumes where it stopped.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from avcl.data.sources import file_sha256
 from avcl.errors import AvclError
 
 ROWS_PER_WRITE = 64  # rows gathered in memory before each write
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert(dataset: str, root: str, out: str | None = None, protocol_root: str = "",
@@ -52,8 +44,6 @@ def convert(dataset: str, root: str, out: str | None = None, protocol_root: str 
         manifest = {"source": f"AV-CIL released features ({dataset})", "dataset": dataset,
                     "folder": str(folder), "protocol_folder": str(protocol_folder),
                     "source_dtype": "float32",
-                    "files": {str(f): {"bytes": f.stat().st_size, **({"sha256": sha256(f)} if checksums else {})}
-                              for f in files},
                     "shapes": {"audio": list(source.audio_shape), "video": list(source.visual_shape)}}
         path = Path(out) if out else folder / STORE_FILE
         fields = {"audio": (source.audio_shape, dtype), "video": (source.visual_shape, dtype)}
@@ -66,7 +56,10 @@ def convert(dataset: str, root: str, out: str | None = None, protocol_root: str 
                 read = [source.read(ids[r]) for r in rows]
                 writer.write(rows, {"audio": np.stack([a for a, _ in read]).astype(dtype),
                                     "video": np.stack([v for _, v in read]).astype(dtype)})
-            writer.finalize()
+            # Hashed once, by the run that completes the store (a resumed or refused run does not).
+            writer.finalize(extra_manifest={"files": {
+                str(f): {"bytes": f.stat().st_size, **({"sha256": file_sha256(f)} if checksums else {})}
+                for f in files}})
     finally:
         source.close()
     return path

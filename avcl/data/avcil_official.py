@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from avcl.data import AVDataset, register_dataset
+from avcl.data.features import torch_dtype
 from avcl.data.sources import data_roots
 from avcl.errors import AvclError
 
@@ -42,7 +43,6 @@ AUDIO_FILE = "audio_pretrained_feature/audio_pretrained_feature_dict.npy"
 VISUAL_DICT_FILE = "visual_pretrained_feature/visual_pretrained_feature_dict.npy"  # AVE
 VISUAL_H5_FILE = "visual_pretrained_feature/visual_features.h5"  # ksounds, VGGSound_100
 STORE_FILE = "avcl_features.h5"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -199,8 +199,7 @@ def locate(opts: AVCILOfficialOptions, data_root: str | None) -> tuple[Path, Pat
 @register_dataset("avcil_official", AVCILOfficialOptions,
                   "AV-CIL's released features (AVE, Kinetics-Sounds, VGGSound-100) in the authors' layout")
 def build_avcil_official(opts: AVCILOfficialOptions, data_root: str | None, seed: int) -> AVDataset:
-    if opts.dtype not in DTYPES:
-        raise AvclError(f"data.dtype must be one of {sorted(DTYPES)}, got '{opts.dtype}'")
+    dtype = torch_dtype(opts.dtype)
     folder, protocol_folder = locate(opts, data_root)
     store = Path(opts.store).expanduser() if opts.store else folder / STORE_FILE
     if opts.store or store.is_file():
@@ -217,8 +216,8 @@ def build_avcil_official(opts: AVCILOfficialOptions, data_root: str | None, seed
         splits = {}
         for split in SPLITS:
             ids = protocol.ids[split]
-            audio = torch.empty((len(ids), *audio_shape), dtype=DTYPES[opts.dtype])
-            video = torch.empty((len(ids), *visual_shape), dtype=DTYPES[opts.dtype])
+            audio = torch.empty((len(ids), *audio_shape), dtype=dtype)
+            video = torch.empty((len(ids), *visual_shape), dtype=dtype)
             for row, vid in enumerate(ids):  # row by row: never a float32 copy of a whole split
                 a, v = source.read(vid)
                 audio[row], video[row] = torch.from_numpy(a), torch.from_numpy(v)

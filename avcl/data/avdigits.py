@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from avcl.data import AVDataset, register_dataset
 from avcl.data.audio import kaldi_fbank
+from avcl.data.features import stratified_pick
 from avcl.errors import AvclError
 from avcl.data.sources import (FSDD_URL, MNIST_URLS, default_cache_dir, list_fsdd, load_mnist_test,
                                locate_fsdd, locate_mnist, read_wav)
@@ -74,15 +75,6 @@ def render_video(digits: torch.Tensor, onset: np.ndarray, opts: AVDigitsOptions,
             y, x = np.rint(start[i] + frac * (end[i] - start[i])).astype(int)
             video[i, t, y:y + opts.digit_size, x:x + opts.digit_size] = digits[i]
     return video
-
-
-def _split_indices(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask choosing ``fraction`` of each class."""
-    mask = np.zeros(len(labels), dtype=bool)
-    for digit in np.unique(labels):
-        where = rng.permutation(np.flatnonzero(labels == digit))
-        mask[where[:int(round(fraction * len(where)))]] = True
-    return mask
 
 
 @register_dataset("avdigits", AVDigitsOptions,
@@ -148,9 +140,7 @@ def _build(opts: AVDigitsOptions, recordings, mnist_dir, seed: int) -> AVDataset
         mode="area")[:, 0].round().clamp(0, 255).to(torch.uint8)
     video = render_video(digits, onset, opts, rng)
 
-    is_val = np.zeros(len(labels), dtype=bool)
-    train_rows = np.flatnonzero(~is_test)
-    is_val[train_rows[_split_indices(labels[train_rows], opts.val_fraction, rng)]] = True
+    is_val = stratified_pick(labels, ~is_test, opts.val_fraction, rng)
     is_train = ~is_test & ~is_val
     mean = audio[torch.from_numpy(is_train)].mean(dim=(0, 1))
     std = audio[torch.from_numpy(is_train)].std(dim=(0, 1)).clamp_min(1e-5)

@@ -21,6 +21,13 @@ from avcl.errors import AvclError
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The in-memory dtype ``data.dtype`` names."""
+    if name not in DTYPES:
+        raise AvclError(f"data.dtype must be one of {sorted(DTYPES)}, got '{name}'")
+    return DTYPES[name]
+
+
 @dataclass
 class FeaturesOptions:
     name: str = "features"
@@ -62,12 +69,11 @@ def stratified_pick(labels: np.ndarray, candidates: np.ndarray, fraction: float,
 def dataset_from_rows(name: str, store, rows_of: dict[str, np.ndarray], labels: np.ndarray, fields: list[str],
                       dtype: str, class_names: list[str], info: dict) -> AVDataset:
     """An AVDataset of the store rows in ``rows_of[split]`` with ``labels[row]`` (one read per field)."""
-    if dtype not in DTYPES:
-        raise AvclError(f"data.dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
+    dtype = torch_dtype(dtype)
     all_rows = np.sort(np.concatenate([rows_of[s] for s in ("train", "val", "test")]))
     position = np.full(len(store), -1)
     position[all_rows] = np.arange(len(all_rows))
-    loaded = {f: store.load(f, all_rows, DTYPES[dtype]) for f in fields}
+    loaded = {f: store.load(f, all_rows, dtype) for f in fields}
     masks = {f: torch.from_numpy(store.mask(f, all_rows)) for f in fields}
     label_tensor = torch.from_numpy(labels[all_rows]).long()
 

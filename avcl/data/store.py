@@ -35,6 +35,11 @@ PENDING, WRITTEN, FAILED = 0, 1, 2
 _STR = h5py.string_dtype()
 
 
+def _strings(values) -> list[str]:
+    """An HDF5 string dataset's values as str (h5py returns bytes for variable-length strings)."""
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+
 def _fields_json(fields: dict[str, tuple[tuple[int, ...], str]]) -> str:
     return json.dumps({name: [list(shape), str(dtype)] for name, (shape, dtype) in sorted(fields.items())})
 
@@ -44,7 +49,7 @@ class FeatureStoreWriter:
 
     def __init__(self, path: Path, handle: h5py.File):
         self.path, self.h5 = path, handle
-        self.ids = [s.decode() if isinstance(s, bytes) else s for s in handle["ids"][:]]
+        self.ids = _strings(handle["ids"][:])
         self.fields = {name: (tuple(shape), dtype) for name, (shape, dtype) in
                        json.loads(handle.attrs["fields"]).items()}
         self._status = handle["status"][:]
@@ -108,21 +113,17 @@ class FeatureStoreWriter:
 
 def create_store(path, ids: list[str], fields: dict[str, tuple[tuple[int, ...], str]], *,
                  labels: Iterable[int] | None = None, splits: Iterable[str] | None = None,
-                 class_names: list[str] | None = None, manifest: dict | None = None,
-                 dtype: str | None = None, overwrite: bool = False) -> FeatureStoreWriter:
+                 class_names: list[str] | None = None, manifest: dict | None = None) -> FeatureStoreWriter:
     """Create a store at ``path``, or reopen an incomplete one with the same ids and fields.
 
-    ``fields`` maps a name to (per-row shape, dtype); ``dtype`` overrides every field's dtype.
-    A complete store is never overwritten unless ``overwrite``.
+    ``fields`` maps a name to (per-row shape, dtype). A complete store is never overwritten.
     """
     path = Path(path)
-    if dtype is not None:
-        fields = {name: (shape, dtype) for name, (shape, _) in fields.items()}
     fields = {name: (tuple(int(s) for s in shape), str(np.dtype(dt))) for name, (shape, dt) in fields.items()}
-    if path.exists() and not overwrite:
+    if path.exists():
         handle = _open(path, "r+")
         same = (json.loads(handle.attrs["fields"]) == json.loads(_fields_json(fields))
-                and [s.decode() if isinstance(s, bytes) else s for s in handle["ids"][:]] == list(ids))
+                and _strings(handle["ids"][:]) == list(ids))
         if handle.attrs["complete"]:
             handle.close()
             raise AvclError(f"{path} is already a complete feature store; choose another output or delete it")
@@ -168,12 +169,11 @@ class FeatureStore:
         if not self.path.is_file():
             raise AvclError(f"feature store not found: {self.path}")
         with _open(self.path, "r") as h5:
-            decode = lambda values: [v.decode() if isinstance(v, bytes) else v for v in values]  # noqa: E731
-            self.ids = decode(h5["ids"][:])
+            self.ids = _strings(h5["ids"][:])
             self.labels = h5["labels"][:]
-            self.splits = decode(h5["splits"][:])
+            self.splits = _strings(h5["splits"][:])
             self.status = h5["status"][:]
-            self.errors = {i: e for i, e in enumerate(decode(h5["errors"][:])) if e}
+            self.errors = {i: e for i, e in enumerate(_strings(h5["errors"][:])) if e}
             self.complete = bool(h5.attrs["complete"])
             self.manifest = json.loads(h5.attrs["manifest"])
             self.class_names = json.loads(h5.attrs["class_names"])

@@ -42,7 +42,7 @@ def check_expected(expected: dict, results: dict[str, dict]) -> list[str]:
             continue
         for key, want in wants.items():
             match = re.fullmatch(r"\s*(>=|<=)\s*([-+0-9.eE]+)\s*", str(want))
-            got = results.get(method, {}).get(key)
+            got = results[method].get(key)
             if match is None or got is None:
                 lines.append(f"  ?    {method} {key} {want}: {'no such metric' if got is None else 'bad expectation'}")
                 continue

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from avcl.data.sources import file_sha256
 from avcl.errors import AvclError
 from avcl.media.decode import OK, DecodeOptions, decode_clip
 from avcl.media.frontend import AudioFrontend, audio_features
@@ -209,7 +210,7 @@ class BuiltinEncoder:
 
     def weights_sha256(self) -> str:
         if self.config.encoder_options.weights:
-            return hashlib.sha256(Path(self.config.encoder_options.weights).read_bytes()).hexdigest()
+            return file_sha256(self.config.encoder_options.weights)
         digest = hashlib.sha256()
         for name in sorted(self.modules):
             for key, tensor in sorted(self.modules[name].state_dict().items()):
@@ -332,7 +333,7 @@ def extract(dataset: ClipList, out, config: ExtractConfig, report: Callable[[str
                             "settings to resume it")
         reasons.update(_reason_kind(previous.errors.get(row, "")) for row in np.flatnonzero(previous.status == FAILED))
     items = dataset.items
-    manifest = {"settings": settings, "weights_sha256": encoder.weights_sha256(), "versions": library_versions(),
+    manifest = {"settings": settings,
                 "dataset": {"source": dataset.source, "kind": dataset.kind, "clips": len(items),
                             "missing_files": len(dataset.missing)},
                 "fields": {name: list(shape) for name, shape in shapes.items()}}
@@ -394,5 +395,7 @@ def extract(dataset: ClipList, out, config: ExtractConfig, report: Callable[[str
         failed = sum(reasons.values())
         summary = Summary(total=len(items), written=len(items) - failed, failed=failed, computed=computed,
                           reasons=dict(reasons))
-        writer.finalize({"summary": asdict(summary)})
+        # The weights' hash and library versions: once, by the run that completes the store.
+        writer.finalize({"summary": asdict(summary), "weights_sha256": encoder.weights_sha256(),
+                         "versions": library_versions()})
     return summary

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avcl.data.sources import file_sha256
 from avcl.errors import AvclError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -83,7 +84,7 @@ class HFEncoder:
             for pattern in WEIGHT_FILES:
                 for file in sorted(self.dirs[name].glob(pattern)):
                     digest.update(f"{name}/{file.name}".encode())
-                    digest.update(file.read_bytes())
+                    file_sha256(file, digest)
         return digest.hexdigest()
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from avcl.errors import AvclError
@@ -47,7 +47,6 @@ class ClipList:
     class_names: list[str]  # the class order (label index = position)
     source: str  # the file or folder it was read from
     kind: str  # manifest | folders | ave | vggsound | kinetics
-    info: dict = field(default_factory=dict)
 
     @property
     def missing(self) -> list[ClipItem]:

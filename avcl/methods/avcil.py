@@ -27,6 +27,7 @@ partial batch (official: drop_last). Loss terms are computed in float32 under au
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,7 @@ class AVCIL(Method):
                             f"got '{hparams.class_norm}'")
         if model.modalities != ["audio", "video"]:
             raise AvclError(f"method avcil needs model.modalities=[audio, video], got {model.modalities}")
+        self.teacher: Optional[dict] = None  # the step's cached teacher outputs (training_data)
 
     def training_data(self, data, replay):
         """With ``teacher_cache``: the teacher's outputs for every sample of the step, computed once.
@@ -112,29 +114,31 @@ class AVCIL(Method):
         self.teacher = None
         if self.old_model is None or not self.hp.teacher_cache:
             return data, replay
-        parts = [data] + ([replay] if replay else [])
-        logits, spatial, temporal = [], [], []
-        for part, is_memory in zip(parts, (False, True)):
-            for batch in batches(part, self.cfg.eval.batch_size):
-                rows = torch.arange(num_samples(batch), device=batch["label"].device) \
-                    if is_memory and self.hp.use_vad else None
-                out = self.old_model(batch, attention_rows=rows)
-                logits.append(out["logits"].float())
-                if rows is not None:
-                    spatial.append(out["spatial_log_attention"].exp())
-                    temporal.append(out["temporal_attention"].float())
-        self.teacher = {"logits": torch.cat(logits), "memory_offset": num_samples(data)}
-        if spatial:
-            self.teacher.update(spatial_attention=torch.cat(spatial), temporal_attention=torch.cat(temporal))
-        offsets = [0, num_samples(data)]
-        tagged = [{**part, "teacher_row": offset + torch.arange(num_samples(part), device=part["label"].device)}
-                  for part, offset in zip(parts, offsets)]
-        return tagged[0], (tagged[1] if replay else replay)
+        new = self.teacher_pass(data, attention=False)
+        memory = self.teacher_pass(replay, attention=self.hp.use_vad) if replay else {}
+        offset = num_samples(data)
+        self.teacher = {"memory_offset": offset, **memory,
+                        "logits": torch.cat([new["logits"]] + ([memory["logits"]] if memory else []))}
+        data = {**data, "teacher_row": torch.arange(offset, device=data["label"].device)}
+        if replay:
+            replay = {**replay, "teacher_row": offset + torch.arange(num_samples(replay), device=replay["label"].device)}
+        return data, replay
+
+    def teacher_pass(self, samples, attention: bool) -> dict[str, torch.Tensor]:
+        """The teacher's logits for ``samples``, and with ``attention`` its spatial / temporal maps."""
+        parts = []
+        for batch in batches(samples, self.cfg.eval.batch_size):
+            rows = torch.arange(num_samples(batch), device=batch["label"].device) if attention else None
+            out = self.old_model(batch, attention_rows=rows)
+            parts.append({"logits": out["logits"].float()} if not attention else {
+                "logits": out["logits"].float(), "spatial_attention": out["spatial_log_attention"].exp(),
+                "temporal_attention": out["temporal_attention"].float()})
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     @torch.no_grad()
     def teacher_outputs(self, batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The teacher's logits for the batch; spatial / temporal attention for ``rows``."""
-        if getattr(self, "teacher", None) is None:
+        if self.teacher is None:
             old = self.old_model(batch, attention_rows=rows)
             return {"logits": old["logits"], "spatial_attention": old["spatial_log_attention"].exp(),
                     "temporal_attention": old["temporal_attention"][rows]}

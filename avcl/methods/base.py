@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avcl.data.samples import Samples
+from avcl.data.samples import Samples, batches
 from avcl.memory.buffer import ExemplarMemory
 from avcl.errors import AvclError
 from avcl.models import MODELS, AVNet
@@ -126,7 +126,6 @@ class Method(ABC):
     @torch.no_grad()
     def embed_features(self, samples: Samples) -> torch.Tensor:
         """Fused features of ``samples`` in eval mode, batched."""
-        from avcl.data.samples import batches
         was_training = self.model.training
         self.model.eval()
         feats = [self.model.embed(b)["features"].float() for b in batches(samples, self.cfg.eval.batch_size)]

@@ -39,7 +39,7 @@ from avcl.data.samples import Samples
 from avcl.errors import AvclError
 from avcl.models import register_model
 from avcl.models.avcil_attention import FusedSpatialAttention, reference_spatial_attention
-from avcl.models.encoders import AUDIO_ENCODERS, VIDEO_ENCODERS
+from avcl.models.encoders import encoder_class
 from avcl.models.heads import IncrementalClassifier
 
 ENCODER_CHOICES = ("none", "builtin")
@@ -55,10 +55,9 @@ def audio_guided_attention(audio_key: torch.Tensor, visual_pre: torch.Tensor, to
     returned (None: all). Returns the pooled visual vector (B, D), the spatial log-attention
     of ``rows`` (R, T, P, D) (log of a distribution over P for each t, d), and the temporal
     attention (B, T, D) (a distribution over T for each d) with its pre-softmax scores.
-    ``kernel``: "fused" (avcl's, avcl/models/avcil_attention.py) or "reference" (plain ops).
+    ``kernel``: a key of ATTENTION_KERNELS, "fused" (avcl's, avcl/models/avcil_attention.py) or
+    "reference" (plain ops); the model checks ``model.attention_kernel`` when it is built.
     """
-    if kernel not in ATTENTION_KERNELS:
-        raise AvclError(f"model.attention_kernel must be one of {list(ATTENTION_KERNELS)}, got '{kernel}'")
     rows = torch.arange(len(tokens), device=tokens.device) if rows is None else rows
     attended_key, per_frame, spatial_log = ATTENTION_KERNELS[kernel](audio_key, visual_pre, tokens, rows)
     temporal_scores = attended_key * audio_key[:, None, :]
@@ -95,13 +94,9 @@ class AVCILNet(nn.Module):
         self.encoders = nn.ModuleDict()
         if cfg.encoders == "builtin":
             dims = {}
-            for m, registry, name in (("audio", AUDIO_ENCODERS, cfg.audio_encoder),
-                                      ("video", VIDEO_ENCODERS, cfg.video_encoder)):
-                if m not in self.modalities:
-                    continue
-                if name not in registry:
-                    raise AvclError(f"unknown model.{m}_encoder '{name}' (known: {', '.join(registry)})")
-                self.encoders[m] = registry[name](tuple(example[m].shape[1:]), cfg.embed_dim)
+            for m in self.modalities:
+                encoder = encoder_class(m, getattr(cfg, f"{m}_encoder"))
+                self.encoders[m] = encoder(tuple(example[m].shape[1:]), cfg.embed_dim)
                 dims[m] = cfg.embed_dim
         else:
             dims = {m: int(example[m].shape[-1]) for m in self.modalities}
