@@ -68,20 +68,25 @@ def stratified_pick(labels: np.ndarray, candidates: np.ndarray, fraction: float,
 
 def dataset_from_rows(name: str, store, rows_of: dict[str, np.ndarray], labels: np.ndarray, fields: list[str],
                       dtype: str, class_names: list[str], info: dict) -> AVDataset:
-    """An AVDataset of the store rows in ``rows_of[split]`` with ``labels[row]`` (one read per field)."""
+    """An AVDataset of the store rows in ``rows_of[split]`` with ``labels[row]``.
+
+    Each split is read on its own (one read per field and split), so the features are held
+    once, never as a whole-store tensor plus per-split copies.
+    """
     dtype = torch_dtype(dtype)
-    all_rows = np.sort(np.concatenate([rows_of[s] for s in ("train", "val", "test")]))
-    position = np.full(len(store), -1)
-    position[all_rows] = np.arange(len(all_rows))
-    loaded = {f: store.load(f, all_rows, dtype) for f in fields}
-    masks = {f: torch.from_numpy(store.mask(f, all_rows)) for f in fields}
-    label_tensor = torch.from_numpy(labels[all_rows]).long()
+    used = np.concatenate([rows_of[s] for s in ("train", "val", "test")])
+    masks = {f: store.mask(f) for f in fields}  # every split carries a field's mask if any used row lacks it
+    masked = [f for f in fields if not masks[f][used].all()]
 
     def split(which: str) -> dict[str, torch.Tensor]:
-        index = torch.from_numpy(position[rows_of[which]]).long()
-        samples = {f: loaded[f][index] for f in fields}
-        samples.update({f"{f}_mask": masks[f][index] for f in fields if not masks[f].all()})
-        samples["label"] = label_tensor[index]
+        rows = np.asarray(rows_of[which])
+        order = np.argsort(rows, kind="stable")  # the store reads sorted rows in contiguous runs
+        samples = {f: store.load(f, rows[order], dtype) for f in fields}
+        if (np.diff(rows) < 0).any():  # back to the split's own order
+            inverse = torch.from_numpy(np.argsort(order))
+            samples = {f: values[inverse] for f, values in samples.items()}
+        samples.update({f"{f}_mask": torch.from_numpy(masks[f][rows]) for f in masked})
+        samples["label"] = torch.from_numpy(labels[rows]).long()
         return samples
 
     return AVDataset(name=name, train=split("train"), val=split("val"), test=split("test"),
