@@ -17,7 +17,7 @@ def _run(args) -> int:
     from omegaconf import OmegaConf
 
     from avcl.config import build_config, load_config, save_config
-    from avcl.engine.runner import execute, make_scenario
+    from avcl.engine.runner import check_run, execute, make_scenario
     from avcl.eval.report import report
 
     if args.resume:
@@ -38,6 +38,7 @@ def _run(args) -> int:
         if (run_dir / "config.yaml").exists():
             raise AvclError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
     scenario = make_scenario(cfg, args.data_root)  # data problems surface before anything is written
+    check_run(cfg, scenario)
     if not args.resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

@@ -31,6 +31,45 @@ class ScenarioConfig:
 
 
 @dataclass
+class ViTConfig:
+    """A ViT backbone: a size preset (tiny for CPUs, base = ViT-B as the papers), any field overridable."""
+    size: str = "tiny"  # tiny | small | base
+    width: Optional[int] = None  # None: the preset's value (and likewise below)
+    depth: Optional[int] = None  # modality-specific layers per modality
+    fusion_depth: Optional[int] = None  # shared layers after them
+    heads: Optional[int] = None
+    decoder_width: Optional[int] = None
+    decoder_depth: Optional[int] = None
+    decoder_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    video_patch: int = 16  # side of the square per-frame patches, pixels
+    audio_patch: List[int] = field(default_factory=lambda: [16, 16])  # [time frames, mel bins]
+    frames: int = 4  # video frames per clip, sampled uniformly over the window
+    video_window: Optional[int] = None  # consecutive frames the window spans; None: the whole clip
+    crop_scales: List[float] = field(default_factory=lambda: [1.0, 0.875, 0.75])  # train-time crops
+    audio_frames: Optional[int] = None  # fbank frames a clip is padded/cut to; None: as the data
+    checkpoint: Optional[str] = None  # ImageNet MAE ViT-B weights: a .pth file or an HF ViTMAEModel dir
+
+
+@dataclass
+class CAVConfig:
+    """The CAV-MAE objective as FLAVA/STELLA run it (specs A.2-A.4) and its input normalisation."""
+    mask_ratio_audio: float = 0.8
+    mask_ratio_video: float = 0.8
+    norm_pix_loss: bool = True  # reconstruction targets normalised per patch
+    mae_weight: float = 1.0  # per modality
+    contrastive_weight: float = 0.1
+    temperature: float = 0.05  # InfoNCE
+    audio_mean: float = 0.0  # fbank normalisation (x - mean) / std; AudioSet-style fbank: -5.081, 4.4849
+    audio_std: float = 1.0
+    video_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per channel, on [0, 1]
+    video_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # (gray frames: first value)
+    audio_noise: float = 0.1  # train-time: uniform noise of a random scale up to this, and
+    audio_roll: bool = True  # a random circular time roll
+    avm: bool = True  # build STELLA's AVM module (trained only by stella and the init stage)
+
+
+@dataclass
 class ModelConfig:
     name: str = "avnet"  # a key of avcl.models.MODELS
     modalities: List[str] = field(default_factory=lambda: ["audio", "video"])
@@ -45,6 +84,9 @@ class ModelConfig:
     visual_grid: List[int] = field(default_factory=lambda: [8, 196])  # [T, P] of the video tokens
     encoders: str = "none"  # none: inputs are features | builtin: raw clips through the encoders above
     attention_kernel: str = "fused"  # fused | reference (plain PyTorch ops, as the official code)
+    # transformer models ("cav": avcl/models/cav.py): architecture, and the CAV-MAE objective
+    vit: ViTConfig = field(default_factory=lambda: ViTConfig())
+    cav: CAVConfig = field(default_factory=lambda: CAVConfig())
 
 
 @dataclass
@@ -65,17 +107,42 @@ class TrainConfig:
     # which epoch's weights a task ends with: last | best_val (highest accuracy on the val data
     # of all seen classes, evaluated after every epoch; AV-CIL's official checkpoint selection)
     model_selection: str = "last"
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # task: a fresh optimizer for every task | stream: one for the whole stream (the pre-training code's)
+    optimizer_scope: str = "task"
 
 
 @dataclass
 class MemoryConfig:
-    size: int = 200  # total exemplar budget, shared by all seen classes
+    size: int = 200  # total budget: exemplars shared by all seen classes, or reservoir slots (label-free)
+
+
+@dataclass
+class InitConfig:
+    """The stage before the stream (pre-training recipes): the model is trained once on clips kept
+    out of the stream (the dataset's held-out split), checkpointed in RUN/init/, and every method
+    starts from it; the report's ``init`` row evaluates it."""
+    epochs: int = 0  # self-supervised epochs of the backbone; 0 and avm_epochs 0: no stage
+    avm_epochs: int = 0  # then the AVM module alone (matching loss, backbone frozen), as STELLA's
+    batch_size: Optional[int] = None  # None: train.batch_size
+    checkpoint: Optional[str] = None  # start from this model file instead (e.g. an earlier RUN/init/model.pt)
 
 
 @dataclass
 class EvalConfig:
+    # what is measured after every task: accuracy (class-incremental accuracy matrix) |
+    # retrieval (audio<->video retrieval matrix, then a linear probe; avcl.eval.protocols)
+    protocol: str = "accuracy"
     forgetting: str = "standard"  # standard | avcil (see avcl.eval.metrics)
     batch_size: int = 256
+    retrieval_per_class: int = 5  # test clips per class in the fixed retrieval set
+    recall_at: List[int] = field(default_factory=lambda: [1, 5, 10])
+    probe: str = "end"  # linear probe of the frozen encoder: end | every_task | none
+    probe_epochs: int = 15
+    probe_warmup_epochs: int = 2
+    probe_lr: float = 5e-4
+    probe_weight_decay: float = 5e-6
+    probe_batch_size: int = 64
 
 
 def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
@@ -93,6 +160,7 @@ def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
         ("model", ModelConfig, field(default_factory=ModelConfig)),
         ("train", TrainConfig, field(default_factory=TrainConfig)),
         ("memory", MemoryConfig, field(default_factory=MemoryConfig)),
+        ("init", InitConfig, field(default_factory=InitConfig)),
         ("eval", EvalConfig, field(default_factory=EvalConfig)),
         ("method_args", method_args, field(default_factory=method_args)),
         # named variants of a method, usable in `methods` like a method: e.g. for an ablation
@@ -212,10 +280,20 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.fusion", cfg.model.fusion, ("concat", "sum"))
     _choice("train.optimizer", cfg.train.optimizer, ("adam", "sgd"))
     _choice("eval.forgetting", cfg.eval.forgetting, ("standard", "avcil"))
+    _choice("eval.protocol", cfg.eval.protocol, ("accuracy", "retrieval"))
+    _choice("eval.probe", cfg.eval.probe, ("end", "every_task", "none"))
+    _choice("train.optimizer_scope", cfg.train.optimizer_scope, ("task", "stream"))
+    _choice("model.vit.size", cfg.model.vit.size, ("tiny", "small", "base"))
+    if len(cfg.train.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.train.adam_betas):
+        raise AvclError(f"bad config: 'train.adam_betas' must be two numbers in [0, 1), got {list(cfg.train.adam_betas)}")
+    for key in ("init.epochs", "init.avm_epochs", "eval.probe_epochs", "eval.probe_warmup_epochs"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise AvclError(f"bad config: '{key}' must be >= 0")
     bad = [m for m in cfg.model.modalities if m not in ("audio", "video")]
     if bad or not cfg.model.modalities:
         raise AvclError(f"bad config: model.modalities must be a non-empty subset of [audio, video], got {list(cfg.model.modalities)}")
-    for key in ("scenario.num_tasks", "train.epochs", "train.batch_size", "eval.batch_size"):
+    for key in ("scenario.num_tasks", "train.epochs", "train.batch_size", "eval.batch_size", "eval.probe_batch_size",
+                "eval.retrieval_per_class"):
         if OmegaConf.select(cfg, key) < 1:
             raise AvclError(f"bad config: '{key}' must be >= 1")
     if cfg.memory.size < 0:

@@ -201,6 +201,6 @@ def test_resume_after_a_crash_gives_the_same_metrics(tmp_path, monkeypatch):
     events = [json.loads(line) for line in (tmp_path / "crashed" / "events.jsonl").read_text().splitlines()]
     assert {"event": "method_resume", "method": "afc", "task": 2}.items() <= \
         next(e for e in events if e["event"] == "method_resume").items()
-    timing = {"train_seconds", "task_seconds"}
+    timing = {"train_seconds", "task_seconds", "peak_memory_mib"}
     assert {k: v for k, v in resumed.items() if k not in timing} == \
         {k: v for k, v in reference.items() if k not in timing}

@@ -6,6 +6,8 @@ import torch
 
 from avcl.config import load_config
 from avcl.data import build_dataset
+from avcl.data.features import require_raw
+from avcl.errors import AvclError
 from conftest import needs_data
 
 pytestmark = needs_data
@@ -53,3 +55,56 @@ def test_deterministic_from_the_seed(dataset):
     again = build_dataset(cfg.data, None, cfg.seed)
     assert torch.equal(again.train["video"], dataset.train["video"])
     assert torch.allclose(again.test["audio"], dataset.test["audio"])
+
+
+def _speaker(name: str) -> str:
+    return re.match(r"\d_([a-z]+)_\d+\.wav", name).group(1)
+
+
+@pytest.fixture(scope="module")
+def held_out_george():
+    cfg = load_config("avdigits", ["data.held_out_speakers=[george]", "data.cache=false"])
+    return build_dataset(cfg.data, None, cfg.seed)
+
+
+def test_held_out_speakers_never_in_the_stream(dataset, held_out_george):
+    files = held_out_george.info["fsdd_file"]
+    assert {_speaker(f) for f in files["held_out"]} == {"george"}
+    for split in ("train", "val", "test"):  # neither the stream nor its evaluation hears george
+        assert "george" not in {_speaker(f) for f in files[split]}
+    take = lambda name: int(re.match(r"\d_[a-z]+_(\d+)\.wav", name).group(1))  # noqa: E731
+    assert all(take(f) >= 5 for f in files["held_out"])  # george's train+val takes; his test takes are dropped
+    held = held_out_george.held_out
+    assert held["audio"].shape == (450, 98, 40) and held["video"].shape == (450, 8, 32, 32)
+    assert held["video"].dtype == torch.uint8 and sorted(held["label"].unique().tolist()) == list(range(10))
+    counts = held_out_george.info["counts"]
+    assert counts["test"] == 250 and counts["train"] + counts["val"] == 2250
+    assert held_out_george.info["held_out_speakers"] == ["george"]
+    assert held_out_george.info["held_out_counts"] == {"held_out": 450, "dropped_test": 50}
+    assert dataset.held_out == {} and dataset.info["held_out_speakers"] == []
+    require_raw(held_out_george)  # frames and fbank, as the pre-training models read them
+    require_raw(held_out_george.held_out)
+
+
+def test_held_out_speakers_change_the_cache_key(held_out_george, monkeypatch):
+    import avcl.data.avdigits as avdigits
+    real_build, built = avdigits._build, []
+    monkeypatch.setattr(avdigits, "_build", lambda opts, *a: (built.append(list(opts.held_out_speakers)),
+                                                              real_build(opts, *a))[1])
+    build = lambda speakers: build_dataset(  # noqa: E731
+        load_config("avdigits", [f"data.held_out_speakers=[{speakers}]"]).data, None, 0)
+    build("george")
+    cached = build("george")  # from the cache, held-out split included
+    assert built == [["george"]]
+    assert torch.equal(cached.held_out["video"], held_out_george.held_out["video"])
+    assert cached.info["fsdd_file"] == held_out_george.info["fsdd_file"]
+    other = build("theo")  # another speaker is another cache entry, not george's
+    assert built == [["george"], ["theo"]]
+    assert {_speaker(f) for f in other.info["fsdd_file"]["held_out"]} == {"theo"}
+    assert "george" in {_speaker(f) for f in other.info["fsdd_file"]["train"]}
+
+
+def test_unknown_held_out_speaker():
+    cfg = load_config("avdigits", ["data.held_out_speakers=[george,alice]"])
+    with pytest.raises(AvclError, match=r"unknown FSDD speaker\(s\) \['alice'\] \(known: george, jackson, lucas"):
+        build_dataset(cfg.data, None, cfg.seed)

@@ -13,8 +13,14 @@ import pytest
 import torch
 
 import avcl.media.extract as ex
+from avcl.config import load_config
+from avcl.data import build_dataset
+from avcl.data.features import require_raw
 from avcl.data.store import FAILED, WRITTEN, open_store
+from avcl.errors import AvclError
+from avcl.media.decode import decode_clip
 from avcl.media.encode import write_clip
+from avcl.media.frontend import audio_features
 from avcl.media.manifests import read_dataset
 from avcl.models.encoders import AudioConv1d, FrameConv
 from tests.conftest import DATA_DIR, REPO, needs_data, run_cli
@@ -223,3 +229,137 @@ def test_weights_from_an_avcl_checkpoint(clips, tmp_path):
     wrong = run_cli("extract", str(clips), *SMALL, "encoder.dim=8", "--weights", str(tmp_path / "ckpt.pt"),
                     "--out", str(tmp_path / "wrong.h5"))
     assert wrong.returncode == 2 and "do not fit encoder.dim=8" in wrong.stderr, wrong.stderr
+
+
+# ---------------------------------------------------------------- --output raw
+
+RAW = ["decode.frames=4", "decode.size=32", "audio.target_frames=120"]  # preset cav, small frames
+
+
+def test_raw_output_stores_the_decoded_inputs(clips, tmp_path):
+    data = read_dataset(clips)
+    config = ex.make_config("cav", RAW, output="raw", batch_size=3)
+    summary = ex.extract(data, tmp_path / "raw.h5", config, report=print)
+    assert (summary.written, summary.failed) == (8, 0)
+    store = open_store(tmp_path / "raw.h5")
+    assert store.fields == {"video": ((4, 32, 32, 3), "uint8"), "audio": ((120, 128), "float16")}
+    assert store.manifest["settings"]["encoder"] is None and store.manifest["weights_sha256"] is None
+    video, audio = store.load("video", dtype=None), store.load("audio", dtype=None)
+    assert video.dtype == torch.uint8 and audio.dtype == torch.float16
+    # exactly what decoding and the front-end give for that file (fbank rounded to float16)
+    clip = decode_clip(data.items[5].path, config.decode)
+    assert torch.equal(video[5], torch.from_numpy(clip.video))
+    expected = audio_features(clip.audio, 16000, config.audio).astype(np.float16)
+    assert np.array_equal(audio[5].numpy(), expected)
+    assert audio.float().std(dim=0).mean() > 0.1 and video.float().std(dim=0).mean() > 10  # distinct clips
+    gray = ex.extract(data, tmp_path / "gray.h5", ex.make_config("cav", RAW + ["decode.gray=true"], output="raw"),
+                      report=print)
+    assert gray.written == 8 and open_store(tmp_path / "gray.h5").fields["video"] == ((4, 32, 32), "uint8")
+
+
+def test_features_dataset_keeps_raw_dtypes_and_require_raw(clips, tmp_path):
+    data = read_dataset(clips)
+    ex.extract(data, tmp_path / "raw.h5", ex.make_config("cav", RAW, output="raw"), report=print)
+    ex.extract(data, tmp_path / "feat.h5", ex.make_config("builtin", SMALL, output="avcil"), report=print)
+    for dtype, audio_dtype in (("float16", torch.float16), ("float32", torch.float32)):
+        cfg = load_config("synthetic", ["data.name=features", f"data.store={tmp_path / 'raw.h5'}",
+                                        f"data.dtype={dtype}", "data.val_fraction=0"])
+        dataset = build_dataset(cfg.data, None, 0)
+        for split in (dataset.train, dataset.test):
+            assert split["video"].dtype == torch.uint8 and split["video"].shape[1:] == (4, 32, 32, 3)
+            assert split["audio"].dtype == audio_dtype and split["audio"].shape[1:] == (120, 128)
+        require_raw(dataset)
+        require_raw(dataset.test)
+    require_raw(open_store(tmp_path / "raw.h5"))
+    cfg = load_config("synthetic", ["data.name=features", f"data.store={tmp_path / 'feat.h5'}"])
+    features = build_dataset(cfg.data, None, 0)
+    message = (f"{tmp_path / 'feat.h5'}: no raw frames (field 'video' is float features (float32) of shape "
+               "(4, 16, 16) per clip; need uint8 (T, H, W) or (T, H, W, 3) frames): extract with --output raw")
+    with pytest.raises(AvclError) as caught:
+        require_raw(features)
+    assert str(caught.value) == message
+    with pytest.raises(AvclError, match=r"feat.h5: no raw frames \(field 'video' is float features \(float16\)"):
+        require_raw(open_store(tmp_path / "feat.h5"))
+    samples = {"video": torch.zeros(2, 4, 8, 8, dtype=torch.uint8), "audio": torch.zeros(2, 16)}
+    with pytest.raises(AvclError, match=r"samples: no raw audio \(field 'audio' is float features \(float32\) "
+                                        r"of shape \(16,\) per clip"):
+        require_raw(samples)
+    with pytest.raises(AvclError, match=r"no raw frames \(no field 'video'; fields: \['audio'\]"):
+        require_raw({"audio": torch.zeros(2, 16, 8)})
+
+
+def test_raw_extraction_resumes_after_a_crash(clips, tmp_path, monkeypatch):
+    data = read_dataset(clips)
+    config = ex.make_config("cav", RAW, output="raw", batch_size=2)
+    real_prepare, decoded = ex.prepare, []
+
+    def crashing(job, decode, frontend):
+        decoded.append(job[0])
+        if len(decoded) == 6:  # dies on the 6th clip: two batches of 2 are written
+            raise RuntimeError("injected crash")
+        return real_prepare(job, decode, frontend)
+
+    monkeypatch.setattr(ex, "prepare", crashing)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        ex.extract(data, tmp_path / "s.h5", config, report=print)
+    partial = open_store(tmp_path / "s.h5")
+    assert not partial.complete and (partial.status == WRITTEN).sum() == 4
+    monkeypatch.setattr(ex, "prepare", real_prepare)
+    with pytest.raises(AvclError, match="other settings"):  # never mixes frames of other settings
+        ex.extract(data, tmp_path / "s.h5", ex.make_config("cav", RAW + ["decode.size=16"], output="raw"))
+    summary = ex.extract(data, tmp_path / "s.h5", config, report=print)
+    assert summary.computed == 4 and summary.written == 8 and open_store(tmp_path / "s.h5").complete
+    ex.extract(data, tmp_path / "fresh.h5", config, report=print)
+    for field in ("audio", "video"):
+        assert torch.equal(open_store(tmp_path / "s.h5").load(field, dtype=None),
+                           open_store(tmp_path / "fresh.h5").load(field, dtype=None))
+
+
+def test_raw_bad_files_and_arguments(clips, tmp_path):
+    folder = clips.parent
+    (tmp_path / "text.mp4").write_text("not a video\n" * 50)
+    write_clip(tmp_path / "mute.mp4", np.full((10, 32, 32), 90, np.uint8), 10)
+    rows = [f"{folder / 'c0.mp4'},a,train", "text.mp4,a,train", "mute.mp4,b,test", "gone.mp4,b,test"]
+    (tmp_path / "m.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    reported = []
+    summary = ex.extract(read_dataset(tmp_path / "m.csv"), tmp_path / "s.h5",
+                         ex.make_config("cav", RAW, output="raw"), report=reported.append)
+    assert (summary.written, summary.failed) == (2, 2) and len(reported) == 2
+    store = open_store(tmp_path / "s.h5")
+    assert {store.ids[r]: e.split(":")[0] for r, e in store.errors.items()} == {
+        "text.mp4": "not a video file, or corrupt (FFmpeg found no valid data)", "gone.mp4": "file not found"}
+    assert store.mask("audio").tolist() == [True, False, False, False]  # mute.mp4: no audio track -> zeros, masked
+    assert (store.load("audio", rows=[2], dtype=None) == 0).all() and (store.load("video", rows=[2]) > 80).all()
+    bad = run_cli("extract", str(clips), "--preset", "cav", "--weights", str(tmp_path / "m.csv"), "--output", "raw",
+                  "--out", str(tmp_path / "b.h5"))
+    assert bad.returncode == 2 and "--output raw runs no encoder" in bad.stderr and "Traceback" not in bad.stderr
+    assert "extracting" not in bad.stderr  # refused before any work
+    for args, message in ((["decode.sampling=fps", "decode.frames=0"], "set decode.frames > 0"),
+                          (["audio.target_frames=0"], "set audio.target_frames > 0")):
+        with pytest.raises(AvclError, match=message):
+            ex.make_config("cav", args, output="raw")
+
+
+@needs_data
+def test_raw_real_clips(tmp_path):
+    names = ["openl3_bento.mp4", "moviepy_fire2.mp4", "mmaction2_test.mp4", "moviepy_big_buck_bunny_432_433.webm"]
+    rows = [f"{CLIPS / name},{'ab'[i % 2]},{'test' if i == 3 else 'train'}" for i, name in enumerate(names)]
+    (tmp_path / "m.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    result = run_cli("extract", str(tmp_path / "m.csv"), "decode.size=64", "--preset", "cav", "--output", "raw",
+                     "--out", str(tmp_path / "real.h5"), "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "4 of 4 clips written, 0 failed" in result.stdout and "no encoder, output 'raw'" in result.stderr
+    store = open_store(tmp_path / "real.h5")
+    assert store.fields == {"video": ((10, 64, 64, 3), "uint8"), "audio": ((1024, 128), "float16")}
+    video, audio = store.load("video", dtype=None), store.load("audio", dtype=None).float()
+    assert store.mask("audio").tolist() == [True, True, False, True]  # mmaction2_test.mp4 has no audio track
+    assert (audio[2] == 0).all()
+    for row in (0, 1, 3):  # real sound: 10 ms frames up to the clip's end, then zero padding
+        seconds = {0: 1.1, 1: 2.4, 3: 1.0}[row]
+        voiced = audio[row, :int(seconds * 100) - 5]
+        assert voiced.std(dim=0).mean() > 0.5 and voiced.max() > 0 and (audio[row, int(seconds * 100) + 5:] == 0).all()
+    assert (video[1, 0].float() - video[1, -1].float()).abs().mean() > 5  # the fire moves
+    assert video.float().std() > 20  # not blank frames
+    data = read_dataset(tmp_path / "m.csv")
+    clip = decode_clip(data.items[0].path, ex.make_config("cav", ["decode.size=64"]).decode)
+    assert torch.equal(video[0], torch.from_numpy(clip.video))  # portrait clip: centre crop of 64 x 64

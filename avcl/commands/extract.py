@@ -2,9 +2,10 @@
 
 DATASET is a manifest CSV (``path,label[,split][,start,end]``), a folder with one subfolder per
 class, or a benchmark list (AVE ``Annotations.txt``, a VGGSound or Kinetics-style CSV) with
-``--video-dir``. Bad files are reported one line each and counted in the closing summary; they
-never change the exit code (0), only bad arguments do (2). Running the same command again on an
-unfinished store resumes it.
+``--video-dir``. ``--output raw`` stores the decoded inputs (uint8 frames, float16 fbank) instead
+of encoder features, for the pre-training models (``--preset cav``). Bad files are reported one
+line each and counted in the closing summary; they never change the exit code (0), only bad
+arguments do (2). Running the same command again on an unfinished store resumes it.
 """
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ def _extract(args) -> int:
                          test_fraction=args.test_fraction)
     if args.weights:
         config.encoder_options.weights = args.weights
+        config.check()
     dataset = read_dataset(args.dataset, video_dir=args.video_dir, kind=args.kind)
     if dataset.missing:
         print(f"{len(dataset.missing)} of {len(dataset.items)} clips of {args.dataset} have no file "
               f"under {args.video_dir} (e.g. {dataset.missing[0].path}); they are recorded as failed rows",
               file=sys.stderr)
+    encoder = "no encoder" if config.output == "raw" else f"encoder '{config.encoder}'"
     print(f"extracting {len(dataset.items)} clips ({len(dataset.class_names)} classes) with preset "
-          f"'{args.preset}' ({PRESETS[args.preset]().note}), encoder '{config.encoder}', output '{config.output}'",
+          f"'{args.preset}' ({PRESETS[args.preset]().note}), {encoder}, output '{config.output}'",
           file=sys.stderr)
     summary = extract(dataset, args.out, config, report=lambda line: print(line, file=sys.stderr))
     print(summary.line(args.out))
@@ -57,7 +60,8 @@ def register(subparsers) -> None:
     parser.add_argument("--weights", help="checkpoint of an avcl model whose encoders to use (default: seeded init)")
     parser.add_argument("--output", default="clip", choices=OUTPUTS,
                         help="clip: one vector per modality; tokens: audio (L,D), video (T,P,D); snippets: (N,D); "
-                             "avcil: audio (D,) + video (T,P,D) for model.name=avcil")
+                             "avcil: audio (D,) + video (T,P,D) for model.name=avcil; raw: no encoder, the decoded "
+                             "inputs: video uint8 (T,S,S,3), audio float16 fbank (frames,bins) (--preset cav)")
     parser.add_argument("--snippets", type=int, default=10, help="N for --output snippets")
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (0: decode in-process)")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per encoder batch")

@@ -17,6 +17,8 @@ class AVDataset:
     test: Samples
     class_names: list[str]
     info: dict = field(default_factory=dict)  # provenance: sources, shapes, preprocessing
+    # clips kept out of the stream (e.g. held-out speakers), for the stage before it (config `init`)
+    held_out: Samples = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -11,14 +11,18 @@ Each sample is a short audio-visual clip of one digit class:
 FSDD's official split gives the recordings (takes 0-4 test, 5-49 train); the MNIST test
 images of each class are split into disjoint train and test pools, so no image is shared
 between training and test clips. ``val_fraction`` of the training clips (per class) is held
-out as validation. Everything is deterministic given the seed. The built tensors are cached
-(keyed by the options, the seed and the source files) to skip the ~5 s of decoding next time.
+out as validation. ``held_out_speakers`` (FSDD speaker names) are kept out of the stream: their
+train and val clips become ``AVDataset.held_out`` (for the stage before the stream, config
+``init``) and their test clips are dropped, so neither the stream nor its evaluation hears them.
+Everything is deterministic given the seed. The built tensors are cached (keyed by the
+options, the seed and the source files) to skip the ~5 s of decoding next time.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List
 
 import numpy as np
 import torch
@@ -49,6 +53,8 @@ class AVDigitsOptions:
     frames: int = 8
     frame_size: int = 32
     digit_size: int = 20  # MNIST digits are resized to this many pixels before pasting
+    # FSDD speakers kept out of the stream: train+val clips -> AVDataset.held_out, test clips dropped
+    held_out_speakers: List[str] = field(default_factory=list)
     cache: bool = True
 
 
@@ -85,9 +91,14 @@ def build_avdigits(opts: AVDigitsOptions, data_root: str | None, seed: int) -> A
         "t10k-images-idx3-ubyte.gz": opts.mnist_images_url,
         "t10k-labels-idx1-ubyte.gz": opts.mnist_labels_url})
     recordings = list_fsdd(recordings_dir)
+    speakers = sorted({speaker for _, _, speaker, _ in recordings})
+    unknown = sorted(set(opts.held_out_speakers) - set(speakers))
+    if unknown:
+        raise AvclError(f"data.held_out_speakers: unknown FSDD speaker(s) {unknown} (known: {', '.join(speakers)})")
+    # The options (held_out_speakers included) are part of the key: another choice is another entry.
     key_source = json.dumps({**OmegaConf.to_container(OmegaConf.structured(opts)), "seed": seed, "files": len(recordings),
                              "recordings": str(recordings_dir), "mnist": str(mnist_dir),
-                             "version": 2}, sort_keys=True)
+                             "version": 3}, sort_keys=True)
     cache_path = default_cache_dir() / "avdigits" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:16]}.pt"
     if opts.cache and cache_path.is_file():
         try:
@@ -99,7 +110,7 @@ def build_avdigits(opts: AVDigitsOptions, data_root: str | None, seed: int) -> A
         from avcl.engine.checkpoint import atomic_torch_save
         atomic_torch_save({"name": dataset.name, "train": dataset.train, "val": dataset.val,
                            "test": dataset.test, "class_names": dataset.class_names,
-                           "info": dataset.info}, cache_path)
+                           "info": dataset.info, "held_out": dataset.held_out}, cache_path)
     return dataset
 
 
@@ -108,6 +119,7 @@ def _build(opts: AVDigitsOptions, recordings, mnist_dir, seed: int) -> AVDataset
     images, image_labels = load_mnist_test(mnist_dir)
     labels = np.array([digit for _, digit, _, _ in recordings])
     is_test = np.array([take < FSDD_TEST_TAKES for _, _, _, take in recordings])
+    held = np.isin([speaker for _, _, speaker, _ in recordings], list(opts.held_out_speakers))
 
     # Disjoint MNIST pools: half of each class's images for training clips, half for test clips.
     pools: dict[str, dict[int, np.ndarray]] = {"train": {}, "test": {}}
@@ -140,8 +152,10 @@ def _build(opts: AVDigitsOptions, recordings, mnist_dir, seed: int) -> AVDataset
         mode="area")[:, 0].round().clamp(0, 255).to(torch.uint8)
     video = render_video(digits, onset, opts, rng)
 
-    is_val = stratified_pick(labels, ~is_test, opts.val_fraction, rng)
-    is_train = ~is_test & ~is_val
+    is_val = stratified_pick(labels, ~is_test & ~held, opts.val_fraction, rng)
+    is_train = ~is_test & ~is_val & ~held
+    is_held_out, dropped = ~is_test & held, is_test & held
+    is_test = is_test & ~held
     mean = audio[torch.from_numpy(is_train)].mean(dim=(0, 1))
     std = audio[torch.from_numpy(is_train)].std(dim=(0, 1)).clamp_min(1e-5)
     audio = (audio - mean) / std
@@ -152,14 +166,20 @@ def _build(opts: AVDigitsOptions, recordings, mnist_dir, seed: int) -> AVDataset
         return {"audio": audio[index], "video": video[index], "label": label_tensor[index]}
 
     masks = {"train": is_train, "val": is_val, "test": is_test}
+    if held.any():
+        masks["held_out"] = is_held_out
     return AVDataset(
         name="avdigits", train=split(is_train), val=split(is_val), test=split(is_test),
+        held_out=split(is_held_out) if held.any() else {},
         class_names=[str(d) for d in range(10)],
         info={"audio": f"FSDD v1.0.10, Kaldi fbank {opts.mel_bins} bins, {opts.frame_shift_ms} ms shift, "
                        f"{opts.clip_seconds} s window, train-set normalisation",
               "video": f"MNIST test images, {opts.frames} frames of {opts.frame_size}px",
               "sample_rate": sample_rate,
               "counts": {"train": int(is_train.sum()), "val": int(is_val.sum()), "test": int(is_test.sum())},
+              "held_out_speakers": sorted(opts.held_out_speakers),
+              **({"held_out_counts": {"held_out": int(is_held_out.sum()), "dropped_test": int(dropped.sum())}}
+                 if held.any() else {}),
               # provenance of every clip, so the disjointness of the splits can be checked
               "mnist_index": {name: image_index[mask].tolist() for name, mask in masks.items()},
               "fsdd_file": {name: [recordings[i][0].name for i in np.flatnonzero(mask)]

@@ -1,8 +1,11 @@
 """Dataset ``features``: train on a feature store (``avcl extract``, ``avcl convert-features``).
 
 Every field of the store becomes a sample field of the same name (e.g. "audio", "video"),
-loaded resident in memory as float32 (or ``dtype``); a field whose mask is False for some rows
-also gets ``<field>_mask``. Rows that failed extraction, or have no label, are left out.
+loaded resident in memory: float fields as float32 (or ``dtype``), integer fields in their
+stored dtype (the uint8 frames of an ``avcl extract --output raw`` store stay uint8); a field
+whose mask is False for some rows also gets ``<field>_mask``. ``require_raw`` checks that a
+dataset, its samples or a store hold raw inputs (uint8 frames and float fbank), as the
+pre-training models need. Rows that failed extraction, or have no label, are left out.
 Splits come from the store; when it has no "val" rows, ``val_fraction`` of each training
 class is held out (seeded).
 """
@@ -15,10 +18,11 @@ import numpy as np
 import torch
 
 from avcl.data import AVDataset, register_dataset
-from avcl.data.store import WRITTEN, open_store
+from avcl.data.store import WRITTEN, FeatureStore, open_store
 from avcl.errors import AvclError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FLOATS = ("float16", "float32", "float64", "bfloat16")  # dtype names of float fields (numpy and torch)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -49,6 +53,49 @@ def resolve_store(path: str, data_root: str | None, require_complete: bool):
     return store
 
 
+def field_dtype(store, field: str, dtype: torch.dtype) -> torch.dtype | None:
+    """The in-memory dtype of a store field: ``dtype`` for floats, None (kept as stored) for
+    integers and booleans, e.g. uint8 frames are never blown up to floats."""
+    return dtype if np.dtype(store.fields[field][1]).kind == "f" else None
+
+
+def _describe(name: str, fields: dict[str, tuple[tuple[int, ...], str]]) -> str:
+    """'field NAME is float features (float16) of shape (...) per clip', or that there is no such field."""
+    if name not in fields:
+        return f"no field '{name}'; fields: {sorted(fields)}"
+    shape, dtype = fields[name]
+    kind = f"float features ({dtype})" if dtype in FLOATS else f"{dtype} values"
+    return f"field '{name}' is {kind} of shape {tuple(shape)} per clip"
+
+
+def require_raw(data, where: str | None = None) -> None:
+    """Raise one AvclError unless ``data`` holds raw inputs: ``video`` uint8 frames (N, T, H, W) or
+    (N, T, H, W, 3), ``audio`` a float (N, frames, mel_bins) filterbank.
+
+    ``data`` is an AVDataset (its train split is checked), a Samples dict, or a FeatureStore (its
+    field metadata, nothing is loaded). ``where`` names it in the message (default: the store).
+    """
+    if isinstance(data, FeatureStore):
+        where = where or str(data.path)
+        fields = {name: (tuple(shape), str(dtype)) for name, (shape, dtype) in data.fields.items()}
+    else:
+        if isinstance(data, AVDataset):
+            where = where or str(data.info.get("store", f"dataset '{data.name}'"))
+            data = data.train
+        where = where or "samples"
+        fields = {name: (tuple(value.shape[1:]), str(value.dtype).removeprefix("torch."))
+                  for name, value in data.items() if torch.is_tensor(value)}
+    video, audio = fields.get("video"), fields.get("audio")
+    frames_ok = video is not None and video[1] == "uint8" and (
+        len(video[0]) == 3 or (len(video[0]) == 4 and video[0][-1] == 3))
+    if not frames_ok:
+        raise AvclError(f"{where}: no raw frames ({_describe('video', fields)}; need uint8 (T, H, W) or "
+                        "(T, H, W, 3) frames): extract with --output raw")
+    if audio is None or audio[1] not in FLOATS or len(audio[0]) != 2:
+        raise AvclError(f"{where}: no raw audio ({_describe('audio', fields)}; need a float (frames, "
+                        "mel_bins) filterbank): extract with --output raw")
+
+
 def check_fields(store, fields: list[str] | None) -> list[str]:
     fields = list(fields) if fields is not None else sorted(store.fields)
     unknown = [f for f in fields if f not in store.fields]
@@ -68,20 +115,22 @@ def stratified_pick(labels: np.ndarray, candidates: np.ndarray, fraction: float,
 
 def dataset_from_rows(name: str, store, rows_of: dict[str, np.ndarray], labels: np.ndarray, fields: list[str],
                       dtype: str, class_names: list[str], info: dict) -> AVDataset:
-    """An AVDataset of the store rows in ``rows_of[split]`` with ``labels[row]``.
+    """An AVDataset of the store rows in ``rows_of[split]`` with ``labels[row]``; an optional
+    ``rows_of["held_out"]`` becomes ``AVDataset.held_out`` (clips kept out of the stream).
 
     Each split is read on its own (one read per field and split), so the features are held
     once, never as a whole-store tensor plus per-split copies.
     """
     dtype = torch_dtype(dtype)
-    used = np.concatenate([rows_of[s] for s in ("train", "val", "test")])
+    names = ("train", "val", "test") + (("held_out",) if "held_out" in rows_of else ())
+    used = np.concatenate([rows_of[s] for s in names])
     masks = {f: store.mask(f) for f in fields}  # every split carries a field's mask if any used row lacks it
     masked = [f for f in fields if not masks[f][used].all()]
 
     def split(which: str) -> dict[str, torch.Tensor]:
         rows = np.asarray(rows_of[which])
         order = np.argsort(rows, kind="stable")  # the store reads sorted rows in contiguous runs
-        samples = {f: store.load(f, rows[order], dtype) for f in fields}
+        samples = {f: store.load(f, rows[order], field_dtype(store, f, dtype)) for f in fields}
         if (np.diff(rows) < 0).any():  # back to the split's own order
             inverse = torch.from_numpy(np.argsort(order))
             samples = {f: values[inverse] for f, values in samples.items()}
@@ -90,6 +139,7 @@ def dataset_from_rows(name: str, store, rows_of: dict[str, np.ndarray], labels: 
         return samples
 
     return AVDataset(name=name, train=split("train"), val=split("val"), test=split("test"),
+                     held_out=split("held_out") if "held_out" in rows_of else {},
                      class_names=list(class_names), info={"store": str(store.path), "manifest": store.manifest, **info})
 
 

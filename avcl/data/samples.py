@@ -15,7 +15,7 @@ Samples = dict[str, torch.Tensor]
 
 
 def num_samples(samples: Samples) -> int:
-    return len(samples["label"])
+    return len(next(iter(samples.values())))  # every field shares the first dim (label-free data has no "label")
 
 
 def select(samples: Samples, index: torch.Tensor) -> Samples:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from avcl.data import AVDataset
-from avcl.data.samples import Samples, select
+from avcl.data.samples import Samples, concat, select
 from avcl.errors import AvclError
 
 
@@ -30,6 +30,7 @@ class Scenario:
     class_order: list[int]  # remapped label -> original dataset label
     class_names: list[str]  # in remapped order
     info: dict = field(default_factory=dict)  # the dataset's provenance (AVDataset.info)
+    held_out: Samples = field(default_factory=dict)  # clips kept out of the stream (AVDataset.held_out)
 
     @property
     def num_classes(self) -> int:
@@ -85,4 +86,12 @@ def class_incremental(dataset: AVDataset, num_tasks: int, initial_classes: int =
 
         tasks.append(Task(index, classes, part(splits["train"]), part(splits["val"]), part(splits["test"])))
         offset += size
-    return Scenario(tasks, order, [dataset.class_names[c] for c in order], dataset.info)
+    # held-out clips keep the dataset's labels: they may come from other classes (VGGSound's held-out
+    # classes), and the label-free init stage never reads them
+    return Scenario(tasks, order, [dataset.class_names[c] for c in order], dataset.info, dataset.held_out)
+
+
+def merged_task(scenario: Scenario) -> Task:
+    """Every task's data as one task (the multitask upper bound's single step)."""
+    return Task(0, list(range(scenario.num_classes)),
+                *(concat([getattr(t, split) for t in scenario.tasks]) for split in ("train", "val", "test")))

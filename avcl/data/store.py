@@ -9,7 +9,8 @@ Layout::
     splits   (N,) str      "train" / "val" / "test" / ""
     status   (N,) uint8    0 pending, 1 written, 2 failed
     errors   (N,) str      why a row failed ("" otherwise)
-    features/<field>  (N, *shape)  float16 by default, chunked one row per chunk
+    features/<field>  (N, *shape)  float16 features, or the decoded inputs of ``avcl extract --output raw``
+                                   (video uint8 frames, audio float16 fbank); chunked one row per chunk
     masks/<field>     (N,) bool    the modality is present for that row
 
 Rows are written as they are computed and flushed, so an interrupted writer loses at most the
@@ -185,8 +186,9 @@ class FeatureStore:
     def _rows(self, rows) -> np.ndarray:
         return np.arange(len(self)) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
 
-    def load(self, field: str, rows=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows (sorted; all by default) of ``field`` as one tensor, read in large slabs."""
+    def load(self, field: str, rows=None, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Rows (sorted; all by default) of ``field`` as one tensor, read in large slabs;
+        converted to ``dtype``, or in the stored dtype when ``dtype`` is None."""
         if field not in self.fields:
             raise AvclError(f"{self.path}: no field '{field}' (fields: {sorted(self.fields)})")
         rows = self._rows(rows)
@@ -200,7 +202,8 @@ class FeatureStore:
                 if len(run):
                     out[start:start + len(run)] = data[run[0]:run[-1] + 1]
                     start += len(run)
-        return torch.from_numpy(out).to(dtype)
+        values = torch.from_numpy(out)
+        return values if dtype is None else values.to(dtype)
 
     def mask(self, field: str, rows=None) -> np.ndarray:
         with h5py.File(self.path, "r") as h5:

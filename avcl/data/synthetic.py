@@ -21,6 +21,7 @@ class SyntheticOptions:
     train_per_class: int = 60
     val_per_class: int = 10
     test_per_class: int = 30
+    held_out_per_class: int = 0  # clips kept out of the stream (AVDataset.held_out, for the init stage)
     audio_frames: int = 32
     mel_bins: int = 20
     frames: int = 4
@@ -67,4 +68,5 @@ def build_synthetic(opts: SyntheticOptions, data_root: str | None, seed: int) ->
     return AVDataset(
         name="synthetic", train=split(opts.train_per_class), val=split(opts.val_per_class),
         test=split(opts.test_per_class), class_names=[f"class{c}" for c in range(opts.num_classes)],
-        info={"source": "synthetic", "seed": seed})
+        info={"source": "synthetic", "seed": seed},
+        held_out=split(opts.held_out_per_class) if opts.held_out_per_class else {})

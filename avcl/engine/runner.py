@@ -4,9 +4,12 @@ Run directory::
 
     config.yaml              resolved config (what --resume reads back)
     events.jsonl             one JSON event per line (run/method/task/epoch start and end)
+    init/model.pt, init/metrics.json   the init stage's model (config ``init``) and its evaluation
     <method>/metrics.json    written after every task; "complete": true when the method is done
     <method>/checkpoint.pt   after every task: model, method state (memory...), optimizer, RNG, metrics
-    <method>/accuracy_matrix.png, accuracy.png   plots
+    <method>/accuracy_matrix.png, accuracy.png   plots (retrieval_matrix.png, retrieval.png)
+
+What is measured after each task is the protocol's (``eval.protocol``, avcl.eval.protocols).
 
 A killed run resumes from each method's last checkpoint and reproduces the uninterrupted
 run's metrics (on CPU; wall-clock times aside).
@@ -25,12 +28,14 @@ from tqdm.auto import tqdm
 from avcl.config import method_hparams_for
 from avcl.data import build_dataset
 from avcl.data.samples import concat
-from avcl.data.scenario import class_incremental
+from avcl.data.scenario import class_incremental, merged_task
 from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
                                     set_rng_state)
-from avcl.engine.trainer import Trainer, autocast_factory, keep_cpu_heap, pick_device
-from avcl.eval.evaluator import accuracy_per_task
-from avcl.eval.metrics import summarize
+from avcl.engine.init_stage import load_init_checkpoint, run_init_stage
+from avcl.engine.peak_memory import PeakMemory
+from avcl.engine.trainer import Trainer, autocast_factory, keep_cpu_heap, make_optimizer, pick_device
+from avcl.eval.protocols import make_protocol, method_metrics
+from avcl.errors import AvclError
 from avcl.models import build_model
 
 
@@ -54,22 +59,12 @@ def build_method(name: str, cfg: DictConfig, example) -> object:
     return cls(build_model(model_cfg, example), hparams, cfg)
 
 
-def _metrics(name: str, record: dict, cfg: DictConfig, scenario, complete: bool) -> dict:
-    heads = {head: {"accuracy_matrix": r["matrix"], "step_accuracy": r["step"],
-                    **summarize(r["matrix"], r["step"], cfg.eval.forgetting)}
-             for head, r in record["heads"].items()}
-    return {"method": name, "complete": complete, "tasks_done": len(record["matrix"]),
-            "num_tasks": len(scenario.tasks),
-            "accuracy_matrix": record["matrix"], "step_accuracy": record["step"],
-            **summarize(record["matrix"], record["step"], cfg.eval.forgetting),
-            "val_accuracy": record["val"], "train_seconds": record["train_seconds"],
-            "task_seconds": record["task_seconds"], "class_order": scenario.class_order,
-            "heads": heads}
-
-
 def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLog,
-               device: torch.device, show_progress: bool = True) -> dict:
-    """Train and evaluate one method over all tasks, resuming from its checkpoint if present."""
+               device: torch.device, show_progress: bool = True, init_state: dict | None = None) -> dict:
+    """Train and evaluate one method over all tasks, resuming from its checkpoint if present.
+
+    ``init_state``: model weights every method starts from (the init stage's), if any.
+    """
     out = run_dir / name
     out.mkdir(parents=True, exist_ok=True)
     metrics_path, ckpt_path = out / "metrics.json", out / "checkpoint.pt"
@@ -79,25 +74,34 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
             return done
     seed_everything(cfg.seed)
     method = build_method(name, cfg, scenario.tasks[0].train)
+    if init_state is not None:
+        method.model.load_state_dict(init_state)
     method.model.to(device)
-    record = {"matrix": [], "step": [], "val": [], "train_seconds": 0.0, "task_seconds": [], "heads": {}}
-    start_task = 0
+    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.bf16), cfg.eval.batch_size)
+    protocol = make_protocol(cfg, scenario, device, trainer.autocast)
+    tasks = [merged_task(scenario)] if method.single_task else scenario.tasks
+    record = {"train_seconds": 0.0, "task_seconds": [], "peak_memory_mib": 0.0, **protocol.new_record()}
+    start_task, optimizer = 0, None
+    stream_optimizer = cfg.train.optimizer_scope == "stream"
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        method.model.head.grow(state["model"]["head.fc.weight"].shape[0])
+        if not method.label_free:
+            method.model.head.grow(state["model"]["head.fc.weight"].shape[0])
         method.model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
+        if stream_optimizer:
+            optimizer = make_optimizer(method.parameters(), cfg.train, method.hp.lr or cfg.train.lr)
+            optimizer.load_state_dict(state["optimizer"])
         record, start_task = state["record"], state["task"] + 1
         set_rng_state(state["rng"])
         log("method_resume", method=name, task=start_task)
-    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.bf16), cfg.eval.batch_size)
     epochs = method.hp.epochs or cfg.train.epochs
     interactive = show_progress and sys.stderr.isatty()
-    bar = tqdm(total=len(scenario.tasks) * epochs, initial=start_task * epochs, desc=f"{name:>8}",
+    bar = tqdm(total=len(tasks) * epochs, initial=start_task * epochs, desc=f"{name:>8}",
                disable=not interactive, leave=True, dynamic_ncols=True)
     log("method_start", method=name, start_task=start_task)
-    for t in range(start_task, len(scenario.tasks)):
-        task = scenario.tasks[t]
+    for t in range(start_task, len(tasks)):
+        task = tasks[t]
         log("task_start", method=name, task=t, classes=task.classes)
         started = time.perf_counter()
 
@@ -109,36 +113,30 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         def on_val(epoch: int, accuracy: float) -> None:
             log("epoch_val", method=name, task=t, epoch=epoch, val_accuracy=accuracy)
 
-        seen_val = (concat([s.val for s in scenario.tasks[:t + 1]])  # model selection: all seen classes
+        seen = scenario.tasks if method.single_task else scenario.tasks[:t + 1]
+        seen_val = (concat([s.val for s in seen])  # model selection: all seen classes
                     if cfg.train.model_selection == "best_val" else None)
-        optimizer = trainer.fit_task(method, task, on_epoch, val=seen_val, on_val=on_val)
+        with PeakMemory(device) as peak:
+            optimizer = trainer.fit_task(method, task, on_epoch, val=seen_val, on_val=on_val,
+                                         optimizer=optimizer if stream_optimizer else None)
         seconds = time.perf_counter() - started
-        seen = scenario.tasks[:t + 1]
         method.model.eval()
-        evaluate = lambda predict, split="test": accuracy_per_task(  # noqa: E731
-            predict, seen, split, cfg.eval.batch_size, device, trainer.autocast)
-        per_task, overall = evaluate(method.predict)
-        record["matrix"].append(per_task)
-        record["step"].append(overall)
-        record["val"].append(evaluate(method.predict, "val")[1] if len(seen[0].val["label"]) else None)
-        for head, predict in method.extra_heads().items():
-            r = record["heads"].setdefault(head, {"matrix": [], "step": []})
-            head_per_task, head_overall = evaluate(predict)
-            r["matrix"].append(head_per_task)
-            r["step"].append(head_overall)
+        summary = protocol.after_task(method, seen, record)
         record["train_seconds"] += seconds
         record["task_seconds"].append(seconds)
-        complete = t == len(scenario.tasks) - 1
+        record["peak_memory_mib"] = max(record["peak_memory_mib"], peak.mib)
+        complete = t == len(tasks) - 1
+        if complete:
+            protocol.finish(method, record)
         atomic_torch_save({"task": t, "model": method.model.state_dict(), "method": method.state_dict(),
                            "optimizer": optimizer.state_dict(), "rng": rng_state(), "record": record},
                           ckpt_path)
-        metrics = _metrics(name, record, cfg, scenario, complete)
+        metrics = method_metrics(name, record, protocol, scenario, len(tasks), complete)
         atomic_write_json(metrics_path, metrics)
-        log("task_end", method=name, task=t, accuracy=overall, per_task=per_task, seconds=round(seconds, 3))
-        bar.set_postfix(task=t, acc=f"{overall:.3f}")
+        log("task_end", method=name, task=t, summary=summary, seconds=round(seconds, 3))
+        bar.set_postfix(task=t, eval=summary)
         if show_progress and not interactive:  # logs and CI: one line per task instead of a bar
-            print(f"{name}: task {t + 1}/{len(scenario.tasks)} accuracy {overall:.4f} ({seconds:.1f} s)",
-                  file=sys.stderr, flush=True)
+            print(f"{name}: task {t + 1}/{len(tasks)} {summary} ({seconds:.1f} s)", file=sys.stderr, flush=True)
     bar.close()
     log("method_end", method=name)
     return json.loads(metrics_path.read_text())
@@ -151,6 +149,21 @@ def make_scenario(cfg: DictConfig, data_root: str | None = None):
     return class_incremental(dataset, sc.num_tasks, sc.initial_classes,
                              list(sc.class_order) if sc.class_order is not None else None,
                              sc.shuffle_classes, cfg.seed)
+
+
+def check_run(cfg: DictConfig, scenario) -> None:
+    """Everything that can be refused before a run directory is written (AvclError, one message)."""
+    from avcl.eval.protocols import protocol_class
+
+    protocol_class(cfg.eval.protocol).check(cfg, scenario)
+    model = build_model(cfg.model, scenario.tasks[0].train)  # data shapes vs model config, checkpoint files
+    if cfg.init.checkpoint:
+        load_init_checkpoint(cfg.init.checkpoint, model)
+    if getattr(model, "label_free", False):
+        train_rows = sum(len(t.train["label"]) for t in scenario.tasks)
+        if cfg.memory.size > train_rows:
+            raise AvclError(f"memory.size={cfg.memory.size} is larger than the whole stream ({train_rows} training "
+                            "clips): the reservoir could never fill; lower memory.size")
 
 
 def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_progress: bool = True,
@@ -174,9 +187,10 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
         "tasks": [{"classes": t.classes, "train": len(t.train["label"]), "val": len(t.val["label"]),
                    "test": len(t.test["label"])} for t in scenario.tasks],
         "info": scenario.info})
+    init_state = run_init_stage(cfg, scenario, run_dir, log, device, show_progress)
     results = {}
     for name in cfg.methods:
-        results[name] = run_method(name, cfg, scenario, run_dir, log, device, show_progress)
-        plot_run(run_dir, results)
+        results[name] = run_method(name, cfg, scenario, run_dir, log, device, show_progress, init_state)
+        plot_run(run_dir, results, cfg.eval.protocol)
     log("run_end")
     return results

@@ -19,6 +19,7 @@ import torch
 from avcl.data.samples import Samples, batches, concat, num_samples, select, to_device
 from avcl.errors import AvclError
 from avcl.eval.evaluator import correct_predictions
+from avcl.memory.buffer import ExemplarMemory
 from avcl.methods.base import Method
 
 
@@ -66,12 +67,18 @@ def make_optimizer(params, train_cfg, lr: float) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if train_cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=train_cfg.weight_decay)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(train_cfg.adam_betas), weight_decay=train_cfg.weight_decay)
 
 
 def flagged(samples: Samples, from_memory: bool) -> Samples:
+    device = next(iter(samples.values())).device
     return {**samples, "from_memory": torch.full((num_samples(samples),), from_memory,
-                                                 dtype=torch.bool, device=samples["label"].device)}
+                                                 dtype=torch.bool, device=device)}
+
+
+def without_labels(samples: Samples) -> Samples:
+    """What a label-free learner may see: everything but the labels (used only to build tasks and evaluate)."""
+    return {key: value for key, value in samples.items() if key != "label"}
 
 
 @dataclass
@@ -82,8 +89,11 @@ class Trainer:
     eval_batch_size: int = 256
 
     def fit_task(self, method: Method, task, on_epoch: Callable[[int, float], None] = lambda e, l: None,
-                 val: Optional[Samples] = None, on_val: Callable[[int, float], None] = lambda e, a: None):
+                 val: Optional[Samples] = None, on_val: Callable[[int, float], None] = lambda e, a: None,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
         """Train ``method`` on ``task``; returns the optimizer (its state goes into the checkpoint).
+
+        ``optimizer``: continue with this one (``train.optimizer_scope=stream``); None: a fresh one.
 
         With ``train.model_selection=best_val`` the accuracy on ``val`` (the val data of all seen
         classes, FC head, no task id) is measured after every epoch and the task ends with the
@@ -98,8 +108,9 @@ class Trainer:
             val = to_device(val, self.device)
         task = replace(task, train=to_device(task.train, self.device))
         method.before_task(task)
-        memory = method.memory.samples if method.memory is not None and len(method.memory) else None
-        data = flagged(task.train, False)
+        exemplars = isinstance(method.memory, ExemplarMemory) and method.replay in ("merge", "separate")
+        memory = method.memory.samples if exemplars and len(method.memory) else None
+        data = flagged(without_labels(task.train) if method.label_free else task.train, False)
         replay = None
         if memory is not None and method.replay == "merge":
             data = concat([data, flagged(memory, True)])
@@ -107,7 +118,9 @@ class Trainer:
             replay = flagged(memory, True)
         with torch.no_grad(), self.autocast():
             data, replay = method.training_data(data, replay)
-        optimizer = make_optimizer(method.parameters(), cfg, hp.lr or cfg.lr)
+        if optimizer is None:
+            optimizer = make_optimizer(method.parameters(), cfg, hp.lr or cfg.lr)
+        method.optimizer = optimizer
         method.model.train()
         for epoch in range(hp.epochs or cfg.epochs):
             total, steps = torch.zeros((), device=self.device), 0

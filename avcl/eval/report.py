@@ -7,10 +7,6 @@ from pathlib import Path
 
 from avcl.errors import AvclError
 
-COLUMNS = (("average_incremental_accuracy", "avg inc acc"), ("last_accuracy", "last acc"),
-           ("forgetting", "forgetting"), ("bwt", "BWT"))
-
-
 def load_results(run_dir: Path) -> dict[str, dict]:
     """method -> metrics.json content, in the order of the run's config when available."""
     run_dir = Path(run_dir)
@@ -22,6 +18,7 @@ def load_results(run_dir: Path) -> dict[str, dict]:
         import yaml
         order = list((yaml.safe_load(config.read_text()) or {}).get("methods", []))
     found = {p.parent.name: p for p in run_dir.glob("*/metrics.json")}
+    order = ["init"] + order  # the init stage's model first: the reference every method must beat
     if not found:
         raise AvclError(f"{run_dir}: no <method>/metrics.json yet (not a run directory, or no task finished)")
     results = {}
@@ -52,14 +49,26 @@ def check_expected(expected: dict, results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def format_table(results: dict[str, dict]) -> str:
-    header = ["method"] + [title for _, title in COLUMNS] + ["train time", "tasks"]
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "—"
+    if fmt == "%":
+        return f"{100 * value:.2f}"
+    number, _, unit = fmt.partition(" ")
+    return f"{value:{number}}" + (f" {unit}" if unit else "")
+
+
+def format_table(results: dict[str, dict], protocol: str = "accuracy") -> str:
+    from avcl.eval.protocols import protocol_class
+    columns = protocol_class(protocol).columns
+    header = ["method"] + [title + (" %" if fmt == "%" else "") for _, title, fmt in columns] + ["train time", "tasks"]
     rows = []
     for name, m in results.items():
         done = f"{m['tasks_done']}/{m['num_tasks']}" + ("" if m.get("complete") else " (partial)")
-        rows.append([name] + [f"{m[key]:.4f}" for key, _ in COLUMNS] + [f"{m['train_seconds']:.1f} s", done])
+        rows.append([name] + [_cell(m.get(key), fmt) for key, _, fmt in columns]
+                    + [f"{m['train_seconds']:.1f} s", done])
         for head, h in m.get("heads", {}).items():  # the same model through another classifier
-            rows.append([f"{name} [{head}]"] + [f"{h[key]:.4f}" for key, _ in COLUMNS] + ["same run", done])
+            rows.append([f"{name} [{head}]"] + [_cell(h.get(key), fmt) for key, _, fmt in columns] + ["same run", done])
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
@@ -69,12 +78,20 @@ def report(run_dir: Path) -> str:
     import yaml
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    text = format_table(results)
     config = run_dir / "config.yaml"
-    if config.is_file():
-        cfg = yaml.safe_load(config.read_text()) or {}
-        variant = (cfg.get("eval") or {}).get("forgetting", "standard")
+    cfg = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    ev = cfg.get("eval") or {}
+    protocol = ev.get("protocol") or next(iter(results.values())).get("protocol", "accuracy")
+    text = format_table(results, protocol)
+    if protocol == "retrieval":
+        text += ("\nretrieval: R@k on a fixed set of {} test clips per class, averaged over tasks after the last "
+                 "task; avg = mean of R@{}; fgt = forgetting as the authors' scripts compute it, fgt (tb) = the "
+                 "textbook form (docs/pretrain.md); probe = linear probe of the final frozen encoder.").format(
+                     ev.get("retrieval_per_class", 5), "/".join(str(k) for k in ev.get("recall_at", [1, 5, 10])))
+    elif cfg:
+        variant = ev.get("forgetting", "standard")
         text += f"\nforgetting: {variant} variant; accuracies on the test data of all classes seen, no task id."
+    if cfg:
         checks = check_expected(cfg.get("expected") or {}, results)
         if checks:
             text += "\nexpected (from the recipe):\n" + "\n".join(checks)

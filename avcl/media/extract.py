@@ -1,5 +1,9 @@
 """Feature extraction: video files -> decode -> audio front-end -> encoder -> avcl's feature store.
 
+``output="raw"`` runs no encoder: the store gets the decoded inputs themselves, ``video`` as uint8
+frames (T, S, S, 3) (or (T, S, S) gray) and ``audio`` as a float16 filterbank (frames, bins),
+for models that read raw clips (the CAV backbone of the pre-training recipes; preset ``cav``).
+
 Decoding and the audio front-end run in worker processes (``workers``); the encoder runs in the
 main process on batches. Rows are written to the store as soon as they are encoded, so an
 interrupted extraction resumes where it stopped (the store is reopened and only its pending
@@ -31,7 +35,7 @@ from avcl.media.frontend import AudioFrontend, audio_features
 from avcl.media.manifests import ClipItem, ClipList
 from avcl.models.encoders import AudioConv1d, FrameConv
 
-OUTPUTS = ("clip", "tokens", "snippets", "avcil")
+OUTPUTS = ("clip", "tokens", "snippets", "avcil", "raw")
 
 
 @dataclass
@@ -68,6 +72,14 @@ PRESETS: dict[str, Callable[[], Preset]] = {
                                                     norm_mean=-4.2677393, norm_std=4.5689974),
                                       "AV-CIL's frames, audio as AudioMAE was trained: 16 kHz and AudioSet "
                                       "normalisation (mean -4.268, std 4.569)"),
+    # avcl's Kaldi fbank sees the waveform in the 16-bit range: CAV-MAE's values (torchaudio on a float
+    # waveform) + 2 ln 32768 = 20.794 above Kaldi's floor, so its AudioSet mean -5.081 is 15.713 here
+    "cav": lambda: Preset(DecodeOptions(frames=10, sampling="uniform", size=224, sample_rate=16000),
+                          AudioFrontend(num_bins=128, frame_shift_ms=10.0, window="hanning", target_frames=1024),
+                          "CAV-MAE / STELLA pre-training inputs (specs A.2), for --output raw: 10 RGB frames "
+                          "uniform over the clip (about one per second of a 10 s clip), 224 px, 16 kHz mono, "
+                          "128-bin Kaldi fbank (Hanning, 10 ms shift), 1024 frames, not normalised (the model "
+                          "normalises with model.cav.audio_mean / audio_std)"),
 }
 
 
@@ -79,7 +91,8 @@ class ExtractConfig:
     encoder: str = "builtin"
     encoder_options: EncoderOptions = field(default_factory=EncoderOptions)
     # clip: (D,) per modality | tokens: audio (L, D), video (T, P, D) | snippets: (N, D) per modality |
-    # avcil: audio (D,) and video (T, P, D), the layout of AV-CIL's features (model.name=avcil)
+    # avcil: audio (D,) and video (T, P, D), the layout of AV-CIL's features (model.name=avcil) |
+    # raw: no encoder, the decoded inputs: video uint8 (T, S, S[, 3]), audio float16 fbank (frames, bins)
     output: str = "clip"
     snippets: int = 10  # N for output=snippets
     workers: int = 0  # decoding processes (0: decode in this process)
@@ -95,6 +108,24 @@ class ExtractConfig:
             raise AvclError("need snippets >= 1, workers >= 0, batch_size >= 1 and 0 <= test_fraction < 1")
         if self.encoder not in ENCODERS:
             raise AvclError(f"unknown encoder '{self.encoder}' (available: {', '.join(ENCODERS)})")
+        if self.output == "raw":
+            if self.encoder_options.weights:
+                raise AvclError("--output raw runs no encoder: drop --weights / encoder.weights")
+            if self.decode.video and (self.decode.frames == 0 or self.decode.size == 0):
+                raise AvclError("--output raw stores fixed-size frames: set decode.frames > 0 and decode.size > 0")
+            if self.decode.audio and self.audio.target_frames == 0:
+                raise AvclError("--output raw stores a fixed-size filterbank: set audio.target_frames > 0")
+
+
+def raw_fields(config: ExtractConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The store fields of ``--output raw``: name -> (per-clip shape, dtype)."""
+    decode, audio = config.decode, config.audio
+    fields = {}
+    if decode.video:
+        fields["video"] = ((decode.frames, decode.size, decode.size) + (() if decode.gray else (3,)), "uint8")
+    if decode.audio:
+        fields["audio"] = ((audio.target_frames, audio.num_bins), "float16")
+    return fields
 
 
 def make_config(preset: str = "builtin", overrides: list[str] | None = None, **top) -> ExtractConfig:
@@ -315,14 +346,20 @@ def extract(dataset: ClipList, out, config: ExtractConfig, report: Callable[[str
     from avcl.data.store import FAILED, create_store, open_store
     config.check()
     out = Path(out)
-    encoder = ENCODERS[config.encoder](config)
-    shapes = {}
-    for name, shape in encoder.token_shapes().items():
-        dim = shape[-1]
-        shapes[name] = {"tokens": shape, "clip": (dim,),
-                        "snippets": (config.snippets, dim)}[modality_output(config.output, name)]
+    raw = config.output == "raw"
+    encoder = None if raw else ENCODERS[config.encoder](config)
+    if raw:
+        fields = raw_fields(config)
+    else:
+        fields = {}
+        for name, shape in encoder.token_shapes().items():
+            dim = shape[-1]
+            fields[name] = ({"tokens": shape, "clip": (dim,), "snippets": (config.snippets, dim)}[
+                modality_output(config.output, name)], "float16")
+    shapes = {name: shape for name, (shape, _) in fields.items()}
     settings = {"preset": config.preset, "decode": asdict(config.decode), "audio_frontend": asdict(config.audio),
-                "encoder": config.encoder, "encoder_options": asdict(config.encoder_options),
+                "encoder": None if raw else config.encoder,
+                "encoder_options": None if raw else asdict(config.encoder_options),
                 "output": config.output, "snippets": config.snippets if config.output == "snippets" else None,
                 "test_fraction": config.test_fraction}
     reasons = collections.Counter()  # failure reason -> count, over this run and the interrupted ones
@@ -337,8 +374,7 @@ def extract(dataset: ClipList, out, config: ExtractConfig, report: Callable[[str
                 "dataset": {"source": dataset.source, "kind": dataset.kind, "clips": len(items),
                             "missing_files": len(dataset.missing)},
                 "fields": {name: list(shape) for name, shape in shapes.items()}}
-    writer = create_store(out, [item.id for item in items],
-                          fields={name: (shape, "float16") for name, shape in shapes.items()},
+    writer = create_store(out, [item.id for item in items], fields=fields,
                           labels=dataset.label_index(), splits=[_split_of(i, config.test_fraction) for i in items],
                           class_names=dataset.class_names, manifest=manifest)
     with writer:
@@ -370,8 +406,12 @@ def extract(dataset: ClipList, out, config: ExtractConfig, report: Callable[[str
                 inputs["video"] = np.stack([b["video"] for b in batch])
             if "audio" in shapes:
                 inputs["audio"] = np.stack([b["audio"] for b in batch])
-            tokens = encoder.tokens(inputs)
-            values = {name: pool_tokens(t, name, config.output, config.snippets).numpy() for name, t in tokens.items()}
+            if raw:
+                values = {name: value.astype(fields[name][1]) for name, value in inputs.items()}
+            else:
+                tokens = encoder.tokens(inputs)
+                values = {name: pool_tokens(t, name, config.output, config.snippets).numpy()
+                          for name, t in tokens.items()}
             masks = {}
             if "audio" in values:
                 present = np.array([b["audio_present"] for b in batch])
@@ -396,6 +436,6 @@ def extract(dataset: ClipList, out, config: ExtractConfig, report: Callable[[str
         summary = Summary(total=len(items), written=len(items) - failed, failed=failed, computed=computed,
                           reasons=dict(reasons))
         # The weights' hash and library versions: once, by the run that completes the store.
-        writer.finalize({"summary": asdict(summary), "weights_sha256": encoder.weights_sha256(),
+        writer.finalize({"summary": asdict(summary), "weights_sha256": None if raw else encoder.weights_sha256(),
                          "versions": library_versions()})
     return summary

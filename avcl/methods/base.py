@@ -5,13 +5,19 @@ then evaluates with ``predict``. A method declares its hyperparameters as a data
 (``Hparams``), which becomes the config section ``method_args.<name>``, and says how it
 uses memory with three class attributes:
 
-* ``memory_budget``: "config" (memory.size exemplars), "all" (keep everything: joint) or None;
+* ``memory_budget``: "config" (memory.size exemplars), "all" (keep everything: joint),
+  "reservoir" (a task-free reservoir of memory.size rows, filled by the method step by step) or None;
 * ``selection``: how exemplars are chosen ("random" or "herding");
-* ``replay``: how memory joins training: "merge" (one dataset with the new task's data) or
-  "separate" (each batch of new data gets ``train.replay_batch_size`` memory samples);
-* ``requires_model``: the ``model.name`` the method needs, if any (AV-CIL's, HAD's).
+* ``replay``: how memory joins training: "merge" (one dataset with the new task's data),
+  "separate" (each batch of new data gets ``train.replay_batch_size`` memory samples) or
+  "step" (the method draws from its reservoir inside ``training_loss``; the trainer does nothing);
+* ``requires_model``: the ``model.name`` the method needs, if any (AV-CIL's, HAD's);
+* ``single_task``: train once on the union of all tasks (multitask upper bound), evaluate after it.
 
-Batches carry a boolean ``from_memory`` field telling replayed samples apart.
+Label-free models (``model.label_free``: the self-supervised encoders) have no classifier head
+and never see labels: the trainer removes ``label`` from their batches. A method with an
+exemplar memory ("config") gets a reservoir instead on such a model, since class-balanced
+exemplars need labels. Batches carry a boolean ``from_memory`` field telling replayed samples apart.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ class Method(ABC):
     selection = "random"
     replay = "merge"
     requires_model: Optional[str] = None  # a model.name the method needs (None: any model)
+    single_task = False  # True: one task made of every task's data (multitask upper bound)
 
     def __init__(self, model: AVNet, hparams: Hparams, cfg):
         if self.requires_model and not isinstance(model, MODELS[self.requires_model]):
@@ -53,8 +60,15 @@ class Method(ABC):
         self.model, self.hp, self.cfg = model, hparams, cfg
         self.task_ranges: list[tuple[int, int]] = []  # [start, end) labels of each task seen
         self.old_model: Optional[AVNet] = None
-        budget = {"config": cfg.memory.size, "all": None}.get(self.memory_budget)
-        self.memory = ExemplarMemory(budget, self.selection) if self.memory_budget else None
+        self.optimizer: Optional[torch.optim.Optimizer] = None  # set by the trainer (virtual steps read it)
+        self.label_free = bool(getattr(model, "label_free", False))
+        if self.memory_budget == "reservoir" or (self.memory_budget == "config" and self.label_free):
+            from avcl.memory.reservoir import ReservoirBuffer
+            self.memory = ReservoirBuffer(cfg.memory.size, seed=cfg.seed)
+            self.replay = "step"
+        else:
+            budget = {"config": cfg.memory.size, "all": None}.get(self.memory_budget)
+            self.memory = ExemplarMemory(budget, self.selection) if self.memory_budget else None
 
     # ----- class bookkeeping -------------------------------------------------------------
     @property
@@ -69,9 +83,10 @@ class Method(ABC):
     # ----- hooks ---------------------------------------------------------------------------
     def before_task(self, task) -> None:
         """Grow the classifier for the task's classes; keep a frozen copy of the model so far."""
-        self.old_model = self.frozen_copy() if self.task_ranges else None
+        self.old_model = self.frozen_copy() if self.task_ranges and not self.label_free else None
         self.task_ranges.append((self.seen_classes, self.seen_classes + len(task.classes)))
-        self.model.head.grow(self.seen_classes)
+        if not self.label_free:
+            self.model.head.grow(self.seen_classes)
 
     def training_data(self, data: Samples, replay: Optional[Samples]) -> tuple[Samples, Optional[Samples]]:
         """The step's training data and separate replay memory, as the batches will be cut from them.
@@ -86,8 +101,8 @@ class Method(ABC):
         """The loss of one training batch (the engine does backward and the optimizer step)."""
 
     def after_task(self, task) -> None:
-        """Store exemplars of the task just learned (methods with memory)."""
-        if self.memory is not None:
+        """Store exemplars of the task just learned (methods with an exemplar memory)."""
+        if isinstance(self.memory, ExemplarMemory):
             self.memory.update(task.train, embed=self.embed_features)
 
     @torch.no_grad()

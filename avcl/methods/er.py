@@ -1,21 +1,37 @@
 """Experience replay: every batch of new data is joined by a random batch from memory.
 
-Memory: ``memory.size`` exemplars, random selection, equal quota per class.
-Loss: cross-entropy over all seen classes on the joined batch.
+Classifier models: ``memory.size`` exemplars, random selection, equal quota per class; the
+trainer joins ``train.replay_batch_size`` of them to each batch; cross-entropy over all seen
+classes on the joined batch.
+
+Label-free models (continual_ssl_baselines.md §3): the base class gives this method a task-free
+reservoir of ``memory.size`` prepared rows instead (replay "step": the trainer does no replay).
+Per step: draw ``train.replay_batch_size`` stored rows uniformly (none while the memory is
+empty), one CAV-MAE forward on [current; replay] (one shared mean, §1.3), then offer the
+current rows to the reservoir. Deviations: one reservoir for the whole run (the STELLA code
+keeps one of memory/4 per GPU rank, each with its rank's shard); it stores prepared inputs on
+the training device in their own dtype (the code: float32 arrays on the CPU).
 """
 import torch.nn.functional as F
 
 from avcl.methods import register
 from avcl.methods.base import Method
+from avcl.methods.replay_ssl import draw, joined, prepare_current
 
 
 @register
 class ER(Method):
     name = "er"
-    description = "experience replay with a class-balanced random exemplar memory"
+    description = "experience replay with a class-balanced random exemplar memory (reservoir when label-free)"
     memory_budget = "config"
     selection = "random"
     replay = "separate"
 
     def training_loss(self, batch):
-        return F.cross_entropy(self.model(batch)["logits"], batch["label"])
+        if not self.label_free:
+            return F.cross_entropy(self.model(batch)["logits"], batch["label"])
+        x = prepare_current(self.model, batch)
+        _, replay = draw(self.memory, self.cfg.train.replay_batch_size)
+        loss = self.model.ssl_loss(joined(x, replay))["loss"]
+        self.memory.add(x)
+        return loss

@@ -1,8 +1,15 @@
-"""Fine-tuning: cross-entropy over all seen classes on the current task only (lower bound)."""
+"""Fine-tuning (lower bound): train on each task in turn, no memory, no distillation.
+
+Classifier models: cross-entropy over all seen classes on the current task only.
+Label-free models (continual_ssl_baselines.md §2): the CAV-MAE loss of the current batch,
+``model.ssl_loss(model.prepare(batch, train=True))["loss"]``. No deviation from the spec (the
+STELLA yaml's ``alpha: 1.0`` is unused there and has no counterpart here).
+"""
 import torch.nn.functional as F
 
 from avcl.methods import register
 from avcl.methods.base import Method
+from avcl.methods.replay_ssl import prepare_current
 
 
 @register
@@ -11,4 +18,6 @@ class Finetune(Method):
     description = "fine-tuning on each task in turn, no memory, no distillation (lower bound)"
 
     def training_loss(self, batch):
+        if self.label_free:
+            return self.model.ssl_loss(prepare_current(self.model, batch))["loss"]
         return F.cross_entropy(self.model(batch)["logits"], batch["label"])

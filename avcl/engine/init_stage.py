@@ -1,0 +1,114 @@
+"""The init stage: the model every method of a pre-training recipe starts from (config ``init``).
+
+As in FLAVA/STELLA, the continual stream starts from a model already pre-trained on other data:
+the backbone by its self-supervised loss (``init.epochs``), then the AVM module alone by its
+matching loss with the backbone frozen (``init.avm_epochs``), on the dataset's held-out clips
+(e.g. AV-Digits' held-out speakers), through the same trainer as every method. It runs once per
+run directory, is saved atomically to ``init/model.pt`` and shared by every method; a resumed run
+loads it. ``init.checkpoint`` starts every method from a given file instead. The stage's model is
+also evaluated once, by the run's protocol, as the report's ``init`` row (``init/metrics.json``).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from avcl.data.scenario import Task
+from avcl.engine.checkpoint import atomic_torch_save, atomic_write_json, seed_everything
+from avcl.engine.peak_memory import PeakMemory
+from avcl.engine.trainer import Trainer, autocast_factory
+from avcl.errors import AvclError
+from avcl.eval.protocols import make_protocol, method_metrics
+from avcl.methods import METHODS
+from avcl.methods.base import Method
+from avcl.models import build_model
+
+INIT = "init"
+
+
+class AVMStage(Method):
+    """The AVM module's own pre-training (spec A.4): matching loss, backbone frozen."""
+    name = "avm-stage"
+
+    def parameters(self):
+        return self.model.avm.parameters()
+
+    def training_loss(self, batch):
+        return self.model.avm_loss(self.model.prepare(batch, train=True))
+
+
+def load_init_checkpoint(path: str, model) -> dict:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise AvclError(f"init.checkpoint: file not found: {file}")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[:3]
+        raise AvclError(f"init.checkpoint {file}: does not match model (model.vit / model.cav): "
+                        + " ".join(line.strip() for line in first)) from None
+    return model.state_dict()
+
+
+def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.device,
+                   show_progress: bool = True) -> dict | None:
+    """The init model's weights (training or loading them), or None when the recipe has no init stage."""
+    ic = cfg.init
+    if not ic.checkpoint and ic.epochs == 0 and ic.avm_epochs == 0:
+        return None
+    out = run_dir / INIT
+    model_path, metrics_path = out / "model.pt", out / "metrics.json"
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, scenario.tasks[0].train)
+    seconds, peak_mib = 0.0, 0.0
+    if not getattr(model, "label_free", False):
+        raise AvclError(f"the init stage is for self-supervised models: model.name={cfg.model.name} is not one "
+                        "(set init.epochs=0, init.avm_epochs=0 and no init.checkpoint)")
+    finetune = METHODS["finetune"]
+    if ic.checkpoint:
+        state = load_init_checkpoint(ic.checkpoint, model)
+    elif model_path.is_file():
+        saved = torch.load(model_path, map_location="cpu", weights_only=True)
+        state, seconds, peak_mib = saved["model"], saved["seconds"], saved["peak_memory_mib"]
+    else:
+        if not scenario.held_out:
+            raise AvclError("init.epochs / init.avm_epochs need clips kept out of the stream, and the dataset has "
+                            "none (AV-Digits: data.held_out_speakers=[...]; or give init.checkpoint=FILE)")
+        if ic.avm_epochs and getattr(model, "avm", None) is None:
+            raise AvclError("init.avm_epochs > 0 needs the AVM module: set model.cav.avm=true")
+        train_cfg = OmegaConf.merge(cfg.train, {"batch_size": ic.batch_size or cfg.train.batch_size,
+                                                "model_selection": "last", "optimizer_scope": "task"})
+        model.to(device)
+        trainer = Trainer(train_cfg, device, autocast_factory(device, cfg.train.bf16), cfg.eval.batch_size)
+        held_out = Task(-1, [], scenario.held_out, {}, {})
+        log("init_start", clips=len(scenario.held_out["label"]), epochs=ic.epochs, avm_epochs=ic.avm_epochs)
+        started = time.perf_counter()
+        stages = [(finetune, finetune.Hparams(epochs=ic.epochs)), (AVMStage, AVMStage.Hparams(epochs=ic.avm_epochs))]
+        with PeakMemory(device) as peak:
+            for cls, hparams in stages:
+                if hparams.epochs:
+                    trainer.fit_task(cls(model, hparams, cfg), held_out,
+                                     lambda e, loss, n=cls.name: log("init_epoch", stage=n, epoch=e, loss=loss))
+        seconds, peak_mib = time.perf_counter() - started, peak.mib
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_torch_save({"model": state, "seconds": seconds, "peak_memory_mib": peak_mib}, model_path)
+        log("init_end", seconds=round(seconds, 3))
+    if not metrics_path.is_file():
+        model.load_state_dict(state)
+        model.to(device).eval()
+        protocol = make_protocol(cfg, scenario, device, autocast_factory(device, cfg.train.bf16))
+        record = {"train_seconds": seconds, "task_seconds": [seconds], "peak_memory_mib": peak_mib,
+                  **protocol.new_record()}
+        holder = finetune(model, finetune.Hparams(), cfg)  # the protocol reads its .model
+        summary = protocol.after_task(holder, scenario.tasks, record)
+        protocol.finish(holder, record)
+        atomic_write_json(metrics_path, method_metrics(INIT, record, protocol, scenario, 1, True))
+        if show_progress:
+            import sys
+            print(f"{INIT}: {summary} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+    return state

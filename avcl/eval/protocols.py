@@ -1,0 +1,219 @@
+"""What is measured after every task: the one pluggable part of a run (``eval.protocol``).
+
+The runner trains every method the same way; a protocol evaluates the model after each task,
+keeps what it measured in the run record (checkpointed with the method), turns the record into
+the metrics of ``<method>/metrics.json``, and says how the report's table shows them.
+
+* ``accuracy``: class-incremental recognition. Accuracy on the test data of every task seen so
+  far, no task id (the accuracy matrix), plus the method's other heads (``extra_heads``).
+* ``retrieval``: representation learning. Zero-shot audio<->video retrieval on a fixed retrieval
+  set (``eval.retrieval_per_class`` test clips of every class, all tasks, learned or not), R@k and
+  median rank per task in both directions (the retrieval matrices), then a linear probe of the
+  frozen encoder on the labelled train/test data of every task (``eval.probe``).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+
+from avcl.data.samples import concat, select
+from avcl.errors import AvclError
+from avcl.eval.evaluator import accuracy_per_task
+from avcl.eval.metrics import summarize
+from avcl.eval.probe import embed_all, linear_probe
+from avcl.eval.retrieval import DIRECTIONS, retrieval_scores, summarize_retrieval
+
+PROTOCOLS: dict[str, type] = {}
+
+
+def register_protocol(cls):
+    PROTOCOLS[cls.name] = cls
+    return cls
+
+
+def protocol_class(name: str) -> type:
+    if name not in PROTOCOLS:
+        raise AvclError(f"bad config: 'eval.protocol' must be one of {sorted(PROTOCOLS)}, got '{name}'")
+    return PROTOCOLS[name]
+
+
+def make_protocol(cfg: DictConfig, scenario, device, autocast) -> "Protocol":
+    return protocol_class(cfg.eval.protocol)(cfg, scenario, device, autocast)
+
+
+def method_metrics(name: str, record: dict, protocol: "Protocol", scenario, trained_tasks: int,
+                   complete: bool) -> dict:
+    """The content of ``<method>/metrics.json``: the protocol's metrics plus time and memory."""
+    return {"method": name, "complete": complete, "tasks_done": len(record["task_seconds"]),
+            "num_tasks": trained_tasks, "protocol": protocol.name,
+            **protocol.metrics(record),
+            "train_seconds": record["train_seconds"], "task_seconds": record["task_seconds"],
+            "peak_memory_mib": record["peak_memory_mib"], "class_order": scenario.class_order}
+
+
+class Protocol(ABC):
+    name = "base"
+    # (metrics key, column title, format) of the report's table, after the method's name
+    columns: tuple[tuple[str, str, str], ...] = ()
+
+    def __init__(self, cfg: DictConfig, scenario, device, autocast: Callable):
+        self.cfg, self.scenario, self.device, self.autocast = cfg, scenario, device, autocast
+
+    @staticmethod
+    def check(cfg: DictConfig, scenario) -> None:
+        """Refuse a config this protocol cannot evaluate, before anything is written (AvclError)."""
+
+    @abstractmethod
+    def new_record(self) -> dict:
+        """The empty record of one method."""
+
+    @abstractmethod
+    def after_task(self, method, seen_tasks: list, record: dict) -> str:
+        """Evaluate after a task; append to ``record``; return a short summary for the progress line."""
+
+    def finish(self, method, record: dict) -> None:
+        """After the last task (e.g. the linear probe)."""
+
+    @abstractmethod
+    def metrics(self, record: dict) -> dict:
+        """The summary of ``record`` that goes into metrics.json."""
+
+
+@register_protocol
+class Accuracy(Protocol):
+    name = "accuracy"
+    columns = (("average_incremental_accuracy", "avg inc acc", ".4f"), ("last_accuracy", "last acc", ".4f"),
+               ("forgetting", "forgetting", ".4f"), ("bwt", "BWT", ".4f"))
+
+    def new_record(self) -> dict:
+        return {"matrix": [], "step": [], "val": [], "heads": {}}
+
+    def _evaluate(self, predict, seen, split="test"):
+        return accuracy_per_task(predict, seen, split, self.cfg.eval.batch_size, self.device, self.autocast)
+
+    def after_task(self, method, seen_tasks, record):
+        per_task, overall = self._evaluate(method.predict, seen_tasks)
+        record["matrix"].append(per_task)
+        record["step"].append(overall)
+        record["val"].append(self._evaluate(method.predict, seen_tasks, "val")[1]
+                             if len(seen_tasks[0].val["label"]) else None)
+        for head, predict in method.extra_heads().items():
+            r = record["heads"].setdefault(head, {"matrix": [], "step": []})
+            head_per_task, head_overall = self._evaluate(predict, seen_tasks)
+            r["matrix"].append(head_per_task)
+            r["step"].append(head_overall)
+        return f"accuracy {overall:.4f}"
+
+    def metrics(self, record):
+        forgetting = self.cfg.eval.forgetting
+        heads = {head: {"accuracy_matrix": r["matrix"], "step_accuracy": r["step"],
+                        **summarize(r["matrix"], r["step"], forgetting)}
+                 for head, r in record["heads"].items()}
+        return {"accuracy_matrix": record["matrix"], "step_accuracy": record["step"],
+                **summarize(record["matrix"], record["step"], forgetting),
+                "val_accuracy": record["val"], "heads": heads}
+
+
+def retrieval_set(scenario, per_class: int) -> tuple[dict, list[torch.Tensor]]:
+    """The first ``per_class`` test clips of every class (all tasks), and each task's query mask."""
+    test = concat([task.test for task in scenario.tasks])
+    labels = test["label"]
+    rows = []
+    for task in scenario.tasks:
+        for c in task.classes:
+            where = (labels == c).nonzero().squeeze(1)
+            if len(where) < per_class:
+                raise AvclError(f"retrieval set: class '{scenario.class_names[c]}' has {len(where)} test clip(s), "
+                                f"fewer than eval.retrieval_per_class={per_class}")
+            rows.append(where[:per_class])
+    picked = select(test, torch.cat(rows))
+    groups = [(picked["label"] >= t.classes[0]) & (picked["label"] <= t.classes[-1]) for t in scenario.tasks]
+    return picked, groups
+
+
+@register_protocol
+class Retrieval(Protocol):
+    name = "retrieval"
+    columns = tuple((key, title, "%") for key, title in (
+        ("a2v_R@1", "A→V R@1"), ("a2v_R@5", "A→V R@5"), ("a2v_R@10", "A→V R@10"), ("a2v_average", "A→V avg"),
+        ("a2v_forgetting", "A→V fgt"), ("a2v_forgetting_textbook", "A→V fgt (tb)"),
+        ("v2a_R@1", "V→A R@1"), ("v2a_R@5", "V→A R@5"), ("v2a_R@10", "V→A R@10"), ("v2a_average", "V→A avg"),
+        ("v2a_forgetting", "V→A fgt"), ("v2a_forgetting_textbook", "V→A fgt (tb)"),
+        ("probe_accuracy", "probe acc"))) + (("peak_memory_mib", "peak mem", ".0f MiB"),)
+
+    def __init__(self, cfg, scenario, device, autocast):
+        super().__init__(cfg, scenario, device, autocast)
+        self.recall_at = sorted(int(k) for k in cfg.eval.recall_at)
+        self.retrieval, self.groups = retrieval_set(scenario, cfg.eval.retrieval_per_class)
+
+    @staticmethod
+    def check(cfg, scenario):
+        recall_at = [int(k) for k in cfg.eval.recall_at]
+        if not recall_at or min(recall_at) < 1:
+            raise AvclError(f"bad config: 'eval.recall_at' must be a non-empty list of k >= 1, got {recall_at}")
+        if cfg.eval.probe not in ("end", "every_task", "none"):
+            raise AvclError(f"bad config: 'eval.probe' must be one of ['end', 'every_task', 'none'], got '{cfg.eval.probe}'")
+        if cfg.eval.retrieval_per_class < 1:
+            raise AvclError("bad config: 'eval.retrieval_per_class' must be >= 1")
+        retrieval, _ = retrieval_set(scenario, cfg.eval.retrieval_per_class)
+        size = len(retrieval["label"])
+        if max(recall_at) > size:
+            raise AvclError(f"retrieval set has {size} clips, fewer than k={max(recall_at)} of eval.recall_at "
+                            "(raise eval.retrieval_per_class or lower eval.recall_at)")
+
+    def new_record(self) -> dict:
+        return {"retrieval": {d: {**{f"R@{k}": [] for k in self.recall_at}, "median_rank": []}
+                              for d in DIRECTIONS},
+                "probe_per_task": []}
+
+    @torch.no_grad()
+    def similarity(self, model) -> torch.Tensor:
+        model.eval()
+        audio, video = [], []
+        for start in range(0, len(self.retrieval["label"]), self.cfg.eval.batch_size):
+            batch = {k: v[start:start + self.cfg.eval.batch_size].to(self.device, non_blocking=True)
+                     for k, v in self.retrieval.items()}
+            with self.autocast():
+                out = model.embed(batch)
+            audio.append(out["audio"].float())
+            video.append(out["video"].float())
+        return (torch.cat(audio) @ torch.cat(video).T).cpu()
+
+    def after_task(self, method, seen_tasks, record):
+        scores = retrieval_scores(self.similarity(method.model), self.groups, self.recall_at)
+        for direction, by_metric in scores.items():
+            for metric, row in by_metric.items():
+                record["retrieval"][direction][metric].append(row)
+        if self.cfg.eval.probe == "every_task":
+            record["probe_per_task"].append(self.probe(method.model))
+        k = self.recall_at[-1]
+        mean = lambda row: sum(row) / len(row)  # noqa: E731
+        return (f"A→V R@{k} {100 * mean(scores['a2v'][f'R@{k}']):.1f}%, "
+                f"V→A R@{k} {100 * mean(scores['v2a'][f'R@{k}']):.1f}%")
+
+    def probe(self, model) -> float:
+        model.eval()
+        tasks = self.scenario.tasks
+        embed = lambda batch: model.embed(batch)["joint"]  # noqa: E731
+        ev = self.cfg.eval
+        features = {split: embed_all(embed, concat([getattr(t, split) for t in tasks]), ev.batch_size,
+                                     self.device, self.autocast) for split in ("train", "test")}
+        labels = {split: concat([getattr(t, split) for t in tasks])["label"] for split in ("train", "test")}
+        return linear_probe(features["train"], labels["train"], features["test"], labels["test"],
+                            self.scenario.num_classes, ev.probe_epochs, ev.probe_warmup_epochs, ev.probe_lr,
+                            ev.probe_weight_decay, ev.probe_batch_size, self.cfg.seed)
+
+    def finish(self, method, record):
+        if self.cfg.eval.probe == "end":
+            record["probe_accuracy"] = self.probe(method.model)
+        elif self.cfg.eval.probe == "every_task":
+            record["probe_accuracy"] = record["probe_per_task"][-1]
+
+    def metrics(self, record):
+        return {"retrieval_matrices": record["retrieval"],
+                **summarize_retrieval(record["retrieval"], self.recall_at),
+                "probe_accuracy": record.get("probe_accuracy"),
+                "probe_per_task": record["probe_per_task"] or None}

@@ -1,0 +1,68 @@
+"""Shared step pieces of the label-free (self-supervised) replay baselines, continual_ssl_baselines.md §1.
+
+A step of every replay baseline (ER, DER++, MIR, GMED, CLS-ER, LUMP) on a label-free model:
+
+1. ``x = model.prepare(batch, train=True)``: the current rows' prepared inputs (augmented,
+   normalised); these, not the raw clips, are what the reservoir stores (spec §1.2: the STELLA
+   buffer holds the loader's augmented tensors and never re-augments them);
+2. draw ``train.replay_batch_size`` stored rows uniformly without replacement (``draw``);
+3. one forward of ``model.ssl_loss`` on ``joined(x, replay)`` = [current; replay], so both share
+   one mean (spec §1.3: no separate replay weight);
+4. after that forward, offer the current rows to the reservoir (they cannot be replayed in the
+   step that inserts them).
+
+The methods that exist only for label-free models subclass ``LabelFreeMethod``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from avcl.data.samples import Samples
+from avcl.errors import AvclError
+from avcl.memory.reservoir import ReservoirBuffer
+from avcl.methods.base import Method
+
+INPUTS = ("audio", "video")  # the prepared-input fields of model.prepare / model.ssl_loss
+
+
+class LabelFreeMethod(Method):
+    """A continual self-supervised method: needs a label-free model with the CAV API (model.name=cav)."""
+    memory_budget = "reservoir"
+    replay = "step"
+
+    def __init__(self, model, hparams, cfg):
+        super().__init__(model, hparams, cfg)
+        if not self.label_free:
+            raise AvclError(f"method '{self.name}' is a self-supervised method: it needs a label-free model "
+                            f"with the CAV API (model.name=cav), got {type(model).__name__}")
+
+
+@torch.no_grad()
+def prepare_current(model, batch: Samples) -> dict[str, torch.Tensor]:
+    """The current batch's prepared inputs (train-time augmentation; no gradient needed)."""
+    return model.prepare(batch, True)
+
+
+def draw(memory: ReservoirBuffer, k: int) -> tuple[torch.Tensor, Optional[Samples]]:
+    """``min(k, len(memory))`` stored rows (slots, rows); rows is None while the memory is empty."""
+    slots, rows = memory.sample(k)
+    return slots, (rows if rows and len(slots) else None)
+
+
+def joined(current: dict[str, torch.Tensor], replay: Optional[Samples]) -> dict[str, torch.Tensor]:
+    """[current; replay] per input field (the replay rows' other fields, e.g. stored embeddings, are left out)."""
+    if replay is None:
+        return current
+    return {key: torch.cat([value, replay[key].to(value.dtype)]) for key, value in current.items()}
+
+
+def inputs_of(rows: Samples) -> dict[str, torch.Tensor]:
+    return {key: rows[key] for key in INPUTS}
+
+
+def embedding_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over all B x D elements of the squared difference (DER++'s and CLS-ER's penalties), in float32."""
+    return F.mse_loss(pred.float(), target.detach().float())

@@ -1,0 +1,231 @@
+"""Shared ViT machinery: pre-norm transformer blocks, sin-cos positional embeddings, patching,
+random masking, token gathering and the size presets of ``model.vit``.
+
+Every transformer model of avcl (the CAV backbone, later XKD) builds on these pieces:
+
+* ``Block``: pre-norm block (LN -> multi-head self-attention -> residual, LN -> MLP -> residual),
+  attention through ``F.scaled_dot_product_attention``; parameter names follow timm/MAE
+  (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``) so that ImageNet
+  MAE weights map one to one. ``modes`` adds extra LayerNorm pairs selected per call (CAV-MAE's
+  shared fusion layers: one pair for the joint pass, one per modality-specific pass).
+* ``sincos_2d``: MAE's fixed 2-D sin-cos table (first half of the channels encodes the column
+  index, second half the row index), row-major token order.
+* ``patchify_2d``: (..., C, H, W) -> (..., h*w, ph*pw*C), MAE's patch layout (row-major patches,
+  values ordered (pixel row, pixel column, channel)).
+* ``random_masking`` / ``split_selected``: per-row random permutations (argsort of uniform noise),
+  vectorised over the batch; ``gather_tokens``: rows of a token tensor at per-row ids.
+* ``resolve_size``: the tiny / small / base presets, any field overridable in ``model.vit``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avcl.errors import AvclError
+
+LN_EPS = 1e-6  # MAE's LayerNorm epsilon
+
+
+# ----- sizes -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ViTSize:
+    width: int
+    depth: int  # modality-specific layers per modality
+    fusion_depth: int  # shared layers after them
+    heads: int
+    decoder_width: int
+    decoder_depth: int
+    decoder_heads: int
+    mlp_ratio: float = 4.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+SIZE_PRESETS: dict[str, ViTSize] = {
+    "tiny": ViTSize(width=192, depth=4, fusion_depth=1, heads=3, decoder_width=128, decoder_depth=2, decoder_heads=4),
+    "small": ViTSize(width=384, depth=6, fusion_depth=1, heads=6, decoder_width=256, decoder_depth=4, decoder_heads=8),
+    # ViT-B as FLAVA/STELLA: 10 modality-specific + 2 shared layers, MAE's 512 x 8 x 16 decoder
+    "base": ViTSize(width=768, depth=10, fusion_depth=2, heads=12, decoder_width=512, decoder_depth=8,
+                    decoder_heads=16),
+}
+
+
+def resolve_size(vit_cfg) -> ViTSize:
+    """The preset ``model.vit.size`` with every non-None field of ``model.vit`` taking precedence."""
+    size = getattr(vit_cfg, "size", "tiny")
+    if size not in SIZE_PRESETS:
+        raise AvclError(f"model.vit.size must be one of {list(SIZE_PRESETS)}, got '{size}'")
+    values = {}
+    for f in fields(ViTSize):
+        given = getattr(vit_cfg, f.name, None)
+        values[f.name] = getattr(SIZE_PRESETS[size], f.name) if given is None else given
+    out = ViTSize(**values)
+    for key in ("width", "heads", "decoder_width", "decoder_heads"):
+        if getattr(out, key) < 1:
+            raise AvclError(f"model.vit.{key} must be >= 1, got {getattr(out, key)}")
+    for key in ("depth", "fusion_depth", "decoder_depth"):
+        if getattr(out, key) < 0:
+            raise AvclError(f"model.vit.{key} must be >= 0, got {getattr(out, key)}")
+    for width, heads in (("width", "heads"), ("decoder_width", "decoder_heads")):
+        if getattr(out, width) % getattr(out, heads):
+            raise AvclError(f"model.vit.{width}={getattr(out, width)} is not divisible by "
+                            f"model.vit.{heads}={getattr(out, heads)}")
+        if getattr(out, width) % 4:
+            raise AvclError(f"model.vit.{width}={getattr(out, width)} must be a multiple of 4 "
+                            "(2-D sin-cos positional embeddings)")
+    if out.mlp_ratio <= 0:
+        raise AvclError(f"model.vit.mlp_ratio must be > 0, got {out.mlp_ratio}")
+    return out
+
+
+# ----- blocks ------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection; SDPA does the attention."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, dh)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. ``modes``: names of extra (norm1, norm2) pairs; ``forward(x, mode)``
+    uses that pair instead of the default one (CAV-MAE's modality-specific LNs in the shared layers)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, modes: Sequence[str] = ()):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mode_norms = nn.ModuleDict({
+            m: nn.ModuleDict({"norm1": nn.LayerNorm(dim, eps=LN_EPS), "norm2": nn.LayerNorm(dim, eps=LN_EPS)})
+            for m in modes})
+
+    def forward(self, x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
+        if mode is None:
+            norm1, norm2 = self.norm1, self.norm2
+        else:
+            norm1, norm2 = self.mode_norms[mode]["norm1"], self.mode_norms[mode]["norm2"]
+        x = x + self.attn(norm1(x))
+        return x + self.mlp(norm2(x))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
+    for block in blocks:
+        x = block(x, mode)
+    return x
+
+
+def init_vit_weights(module: nn.Module, std: float = 0.02) -> None:
+    """FLAVA's initialisation: every Linear ~ N(0, std) with zero bias, LayerNorms to (1, 0)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.LayerNorm):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
+# ----- positional embeddings -------------------------------------------------------------------
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, dim): [sin(p * w_k), cos(p * w_k)], w_k = 10000^(-k / (dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    out = positions.to(torch.float64)[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def sincos_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
+    """MAE's 2-D sin-cos table for a rows x cols grid in row-major token order: (rows*cols, dim) float32."""
+    if dim % 4:
+        raise AvclError(f"2-D sin-cos positional embeddings need a width divisible by 4, got {dim}")
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, c.flatten()), sincos_1d(dim // 2, r.flatten())], dim=1).float()
+
+
+# ----- patching --------------------------------------------------------------------------------
+def patchify_2d(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """(..., C, H, W) -> (..., (H/ph)*(W/pw), ph*pw*C): row-major patches, values in (row, col, channel)
+    order (MAE's layout). H and W must be multiples of the patch sides."""
+    *lead, c, height, width = x.shape
+    ph, pw = patch
+    h, w = height // ph, width // pw
+    n = len(lead)
+    x = x.reshape(*lead, c, h, ph, w, pw)
+    x = x.permute(*range(n), n + 1, n + 3, n + 2, n + 4, n)  # (..., h, w, ph, pw, C)
+    return x.reshape(*lead, h * w, ph * pw * c)
+
+
+def unpatchify_2d(x: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], channels: int) -> torch.Tensor:
+    """The inverse of ``patchify_2d``: (..., h*w, ph*pw*C) -> (..., C, h*ph, w*pw)."""
+    *lead, _, _ = x.shape
+    ph, pw = patch
+    h, w = grid
+    n = len(lead)
+    x = x.reshape(*lead, h, w, ph, pw, channels)
+    x = x.permute(*range(n), n + 4, n, n + 2, n + 1, n + 3)  # (..., C, h, ph, w, pw)
+    return x.reshape(*lead, channels, h * ph, w * pw)
+
+
+def patchify_frames(video: torch.Tensor, patch: int) -> torch.Tensor:
+    """Per-frame 2-D patches: (B, T, C, H, W) -> (B, T*h*w, p*p*C), tokens in (frame, row, col) order."""
+    b, t = video.shape[:2]
+    out = patchify_2d(video, (patch, patch))  # (B, T, h*w, P)
+    return out.reshape(b, t * out.shape[2], out.shape[3])
+
+
+# ----- masking and gathering -------------------------------------------------------------------
+def visible_count(length: int, mask_ratio: float) -> int:
+    """floor((1 - mask_ratio) * length), robust to float round-off (0.2 * 50 is 10, not 9)."""
+    return int(math.floor((1.0 - mask_ratio) * length + 1e-6))
+
+
+def random_masking(batch: int, length: int, keep: int, device=None,
+                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row random split of ``length`` token ids: (keep_ids (B, keep), target_ids (B, length - keep)),
+    each row an independent uniform permutation (argsort of uniform noise)."""
+    order = torch.rand(batch, length, device=device, generator=generator).argsort(dim=1)
+    return order[:, :keep], order[:, keep:]
+
+
+def split_selected(selected: torch.Tensor, keep: int,
+                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``keep``-subset of each row of ``selected`` (B, K) ids and the rest: ((B, keep), (B, K - keep))."""
+    local_keep, local_rest = random_masking(selected.shape[0], selected.shape[1], keep, selected.device, generator)
+    return selected.gather(1, local_keep), selected.gather(1, local_rest)
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (B, k) of the tokens ``x`` (B, L, ...) -> (B, k, ...). ``x`` may have a batch dim of 1
+    (a positional table), indexed without expanding it."""
+    if x.shape[0] == 1 and ids.shape[0] != 1:  # embedding lookup: a much faster backward than indexing
+        return F.embedding(ids, x[0].reshape(x.shape[1], -1)).view(*ids.shape, *x.shape[2:])
+    index = ids.reshape(*ids.shape, *([1] * (x.dim() - 2))).expand(*ids.shape, *x.shape[2:])
+    return x.gather(1, index)
