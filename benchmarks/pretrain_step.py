@@ -16,7 +16,8 @@ Inputs are random clips of the recipe's geometry (the step's cost does not depen
 ``--geometry avdigits`` (8 gray 32x32 frames, 100x40 fbank, the tiny CPU recipe) or ``--geometry cav``
 (16 RGB 224x224 frames, 1024x128 fbank: the paper's inputs, for ``--size base`` on a GPU).
 
-    python benchmarks/pretrain_step.py                         # CPU, tiny backbone, AV-Digits geometry
+    python benchmarks/pretrain_step.py                         # CPU, pretrain/avdigits' backbone and geometry
+    python benchmarks/pretrain_step.py --size tiny             # the tiny preset (width 192, 4 + 1 layers)
     python benchmarks/pretrain_step.py --device cuda --size base --geometry cav --batch 12
 
 The last line: ``memory_ratio=`` STELLA's step memory over DER++'s, ``speed_ratio=`` STELLA's samples/s
@@ -55,8 +56,12 @@ def measure(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     frames, size, channels, audio_frames, mel, overrides = GEOMETRY[args.geometry]
-    cfg = load_config("pretrain/avdigits", overrides + [
-        f"model.vit.size={args.size}", f"train.batch_size={args.batch}", f"train.replay_batch_size={args.batch}",
+    # --size recipe: the pretrain/avdigits backbone; a preset name drops the recipe's explicit widths
+    backbone = [] if args.size == "recipe" else [f"model.vit.size={args.size}"] + [
+        f"model.vit.{key}=null" for key in ("width", "depth", "fusion_depth", "heads", "decoder_width",
+                                             "decoder_depth", "decoder_heads")]
+    cfg = load_config("pretrain/avdigits", overrides + backbone + [
+        f"train.batch_size={args.batch}", f"train.replay_batch_size={args.batch}",
         f"memory.size={args.memory}", f"methods=[{args.one}]"])
     device = torch.device(args.device)
     shape = (frames, size, size) + ((3,) if channels == 3 else ())
@@ -102,7 +107,8 @@ def measure(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--size", default="tiny", choices=("tiny", "small", "base"))
+    parser.add_argument("--size", default="recipe", choices=("recipe", "tiny", "small", "base"),
+                        help="recipe: pretrain/avdigits' backbone (width 96); or a model.vit.size preset")
     parser.add_argument("--geometry", default="avdigits", choices=sorted(GEOMETRY))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--memory", type=int, default=64, help="reservoir slots (filled before timing)")

@@ -110,6 +110,7 @@ def test_killed_run_resumes_to_the_same_metrics(reference, tmp_path, monkeypatch
     (["memory.size=5000"], "larger than the whole stream"),
     (["eval.retrieval_per_class=20"], "fewer than eval.retrieval_per_class=20"),
     (["init.checkpoint=/nonexistent/model.pt"], "init.checkpoint: file not found"),
+    (["data.held_out_per_class=0"], "need clips kept out of the stream"),
 ])
 def test_bad_input_is_one_message_and_writes_nothing(tmp_path, override, message):
     out = tmp_path / "run"
@@ -124,3 +125,23 @@ def test_init_checkpoint_of_another_size_is_refused(tmp_path, reference):
     result = run_cli("run", RECIPE, "model.vit.width=48", f"init.checkpoint={run_dir / 'init' / 'model.pt'}",
                      "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "does not match model" in result.stderr, result.stderr
+
+
+def test_a_store_without_raw_frames_is_refused(tmp_path):
+    """Pre-training reads frames and spectrograms: a store of encoder features is refused, naming it."""
+    from avcl.data.store import create_store
+    store = tmp_path / "feats.h5"
+    n = 12
+    with create_store(store, [f"clip{i}" for i in range(n)], {"audio": ((8,), "float16"), "video": ((8,), "float16")},
+                      labels=[i % 2 for i in range(n)], splits=["test" if i % 3 == 0 else "train" for i in range(n)],
+                      class_names=["class0", "class1"]) as writer:
+        writer.write(list(range(n)), {"audio": torch.randn(n, 8).numpy(), "video": torch.randn(n, 8).numpy()})
+        writer.finalize()
+    import yaml
+    from avcl.config import recipes_dir
+    recipe = yaml.safe_load((recipes_dir() / f"{RECIPE}.yaml").read_text())
+    recipe.update(data={"name": "features", "store": str(store)}, scenario={"num_tasks": 1})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", str(tmp_path / "recipe.yaml"), "init.epochs=0", "init.avm_epochs=0",
+                     "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "no raw frames" in result.stderr and str(store) in result.stderr, result.stderr

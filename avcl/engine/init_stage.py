@@ -10,6 +10,7 @@ also evaluated once, by the run's protocol, as the report's ``init`` row (``init
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -55,20 +56,40 @@ def load_init_checkpoint(path: str, model) -> dict:
     return model.state_dict()
 
 
+def wants_init(cfg: DictConfig) -> bool:
+    ic = cfg.init
+    return bool(ic.checkpoint or ic.epochs or ic.avm_epochs)
+
+
+def check_init(cfg: DictConfig, scenario, model) -> None:
+    """Refuse an init stage that cannot run (AvclError), before anything is written."""
+    ic = cfg.init
+    if not wants_init(cfg):
+        return
+    if not getattr(model, "label_free", False):
+        raise AvclError(f"the init stage is for self-supervised models: model.name={cfg.model.name} is not one "
+                        "(set init.epochs=0, init.avm_epochs=0 and no init.checkpoint)")
+    if ic.checkpoint:
+        load_init_checkpoint(ic.checkpoint, model)
+        return
+    if not scenario.held_out:
+        raise AvclError("init.epochs / init.avm_epochs need clips kept out of the stream, and the dataset has "
+                        "none (AV-Digits: data.held_out_speakers=[...]; or give init.checkpoint=FILE)")
+    if ic.avm_epochs and getattr(model, "avm", None) is None:
+        raise AvclError("init.avm_epochs > 0 needs the AVM module: set model.cav.avm=true")
+
+
 def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.device,
                    show_progress: bool = True) -> dict | None:
     """The init model's weights (training or loading them), or None when the recipe has no init stage."""
     ic = cfg.init
-    if not ic.checkpoint and ic.epochs == 0 and ic.avm_epochs == 0:
+    if not wants_init(cfg):
         return None
     out = run_dir / INIT
     model_path, metrics_path = out / "model.pt", out / "metrics.json"
     seed_everything(cfg.seed)
     model = build_model(cfg.model, scenario.tasks[0].train)
     seconds, peak_mib = 0.0, 0.0
-    if not getattr(model, "label_free", False):
-        raise AvclError(f"the init stage is for self-supervised models: model.name={cfg.model.name} is not one "
-                        "(set init.epochs=0, init.avm_epochs=0 and no init.checkpoint)")
     finetune = METHODS["finetune"]
     if ic.checkpoint:
         state = load_init_checkpoint(ic.checkpoint, model)
@@ -76,17 +97,17 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
         saved = torch.load(model_path, map_location="cpu", weights_only=True)
         state, seconds, peak_mib = saved["model"], saved["seconds"], saved["peak_memory_mib"]
     else:
-        if not scenario.held_out:
-            raise AvclError("init.epochs / init.avm_epochs need clips kept out of the stream, and the dataset has "
-                            "none (AV-Digits: data.held_out_speakers=[...]; or give init.checkpoint=FILE)")
-        if ic.avm_epochs and getattr(model, "avm", None) is None:
-            raise AvclError("init.avm_epochs > 0 needs the AVM module: set model.cav.avm=true")
+        check_init(cfg, scenario, model)
         train_cfg = OmegaConf.merge(cfg.train, {"batch_size": ic.batch_size or cfg.train.batch_size,
                                                 "model_selection": "last", "optimizer_scope": "task"})
         model.to(device)
         trainer = Trainer(train_cfg, device, autocast_factory(device, cfg.train.bf16), cfg.eval.batch_size)
         held_out = Task(-1, [], scenario.held_out, {}, {})
-        log("init_start", clips=len(scenario.held_out["label"]), epochs=ic.epochs, avm_epochs=ic.avm_epochs)
+        clips = len(next(iter(scenario.held_out.values())))
+        log("init_start", clips=clips, epochs=ic.epochs, avm_epochs=ic.avm_epochs)
+        if show_progress:
+            print(f"init: {ic.epochs} epoch(s) of the backbone, then {ic.avm_epochs} of the AVM, on {clips} held-out "
+                  f"clips (once; saved to {model_path})", file=sys.stderr, flush=True)
         started = time.perf_counter()
         stages = [(finetune, finetune.Hparams(epochs=ic.epochs)), (AVMStage, AVMStage.Hparams(epochs=ic.avm_epochs))]
         with PeakMemory(device) as peak:
@@ -109,6 +130,5 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
         protocol.finish(holder, record)
         atomic_write_json(metrics_path, method_metrics(INIT, record, protocol, scenario, 1, True))
         if show_progress:
-            import sys
             print(f"{INIT}: {summary} ({seconds:.1f} s)", file=sys.stderr, flush=True)
     return state

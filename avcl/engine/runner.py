@@ -22,21 +22,22 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from avcl.config import method_hparams_for
 from avcl.data import build_dataset
+from avcl.data.features import require_raw
 from avcl.data.samples import concat
 from avcl.data.scenario import class_incremental, merged_task
 from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
                                     set_rng_state)
-from avcl.engine.init_stage import load_init_checkpoint, run_init_stage
+from avcl.engine.init_stage import check_init, run_init_stage
 from avcl.engine.peak_memory import PeakMemory
 from avcl.engine.trainer import Trainer, autocast_factory, keep_cpu_heap, make_optimizer, pick_device
 from avcl.eval.protocols import make_protocol, method_metrics
 from avcl.errors import AvclError
-from avcl.models import build_model
+from avcl.models import MODELS, build_model
 
 
 class EventLog:
@@ -155,10 +156,11 @@ def check_run(cfg: DictConfig, scenario) -> None:
     """Everything that can be refused before a run directory is written (AvclError, one message)."""
     from avcl.eval.protocols import protocol_class
 
+    if getattr(MODELS.get(cfg.model.name), "label_free", False):  # pre-training trains the encoders on raw clips
+        require_raw(scenario.tasks[0].train, OmegaConf.select(cfg, "data.store") or f"dataset '{cfg.data.name}'")
     protocol_class(cfg.eval.protocol).check(cfg, scenario)
     model = build_model(cfg.model, scenario.tasks[0].train)  # data shapes vs model config, checkpoint files
-    if cfg.init.checkpoint:
-        load_init_checkpoint(cfg.init.checkpoint, model)
+    check_init(cfg, scenario, model)
     if getattr(model, "label_free", False):
         train_rows = sum(len(t.train["label"]) for t in scenario.tasks)
         if cfg.memory.size > train_rows:
