@@ -108,8 +108,8 @@ class Trainer:
             val = to_device(val, self.device)
         task = replace(task, train=to_device(task.train, self.device))
         method.before_task(task)
-        exemplars = isinstance(method.memory, ExemplarMemory) and method.replay in ("merge", "separate")
-        memory = method.memory.samples if exemplars and len(method.memory) else None
+        # exemplar memories join training here; a reservoir is drawn from by the method itself (replay "step")
+        memory = method.memory.samples if isinstance(method.memory, ExemplarMemory) and len(method.memory) else None
         data = flagged(without_labels(task.train) if method.label_free else task.train, False)
         replay = None
         if memory is not None and method.replay == "merge":
