@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from avcl.engine.checkpoint import atomic_write_bytes  # noqa: E402
@@ -25,6 +26,7 @@ def _curves(ax, results: dict[str, dict], values, ylabel: str) -> None:
         steps = values(metrics)
         ax.plot(range(1, len(steps) + 1), steps, marker="o", label=name)
     ax.set_xlabel("tasks learned")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
