@@ -47,6 +47,20 @@ def clips(tmp_path_factory):
     return make_clips(tmp_path_factory.mktemp("clips"), 8)
 
 
+def crash_on_clip(monkeypatch, n: int) -> list:
+    """Make ``avcl extract`` raise while preparing its n-th clip; returns the list of clips prepared."""
+    real_prepare, decoded = ex.prepare, []
+
+    def crashing(job, decode, frontend):
+        decoded.append(job[0])
+        if len(decoded) == n:
+            raise RuntimeError("injected crash")
+        return real_prepare(job, decode, frontend)
+
+    monkeypatch.setattr(ex, "prepare", crashing)
+    return decoded
+
+
 def test_outputs_shapes_and_determinism(clips, tmp_path):
     data = read_dataset(clips)
     shapes = {}
@@ -133,16 +147,8 @@ def test_missing_dataset_and_changed_settings_on_resume(clips, tmp_path, monkeyp
 def test_injected_failure_then_resume_recomputes_only_pending(clips, tmp_path, monkeypatch):
     data = read_dataset(clips)
     config = ex.make_config("builtin", SMALL, batch_size=3)
-    decoded = []
     real_prepare = ex.prepare
-
-    def counting_prepare(job, decode, frontend):
-        decoded.append(job[0])
-        if len(decoded) == 7:  # dies while preparing the 7th clip: two batches of 3 are written
-            raise RuntimeError("injected crash")
-        return real_prepare(job, decode, frontend)
-
-    monkeypatch.setattr(ex, "prepare", counting_prepare)
+    decoded = crash_on_clip(monkeypatch, 7)  # dies while preparing the 7th clip: two batches of 3 are written
     with pytest.raises(RuntimeError, match="injected crash"):
         ex.extract(data, tmp_path / "s.h5", config, report=print)
     partial = open_store(tmp_path / "s.h5")
@@ -291,15 +297,8 @@ def test_features_dataset_keeps_raw_dtypes_and_require_raw(clips, tmp_path):
 def test_raw_extraction_resumes_after_a_crash(clips, tmp_path, monkeypatch):
     data = read_dataset(clips)
     config = ex.make_config("cav", RAW, output="raw", batch_size=2)
-    real_prepare, decoded = ex.prepare, []
-
-    def crashing(job, decode, frontend):
-        decoded.append(job[0])
-        if len(decoded) == 6:  # dies on the 6th clip: two batches of 2 are written
-            raise RuntimeError("injected crash")
-        return real_prepare(job, decode, frontend)
-
-    monkeypatch.setattr(ex, "prepare", crashing)
+    real_prepare = ex.prepare
+    crash_on_clip(monkeypatch, 6)  # dies on the 6th clip: two batches of 2 are written
     with pytest.raises(RuntimeError, match="injected crash"):
         ex.extract(data, tmp_path / "s.h5", config, report=print)
     partial = open_store(tmp_path / "s.h5")

@@ -169,18 +169,15 @@ class Retrieval(Protocol):
                               for d in DIRECTIONS},
                 "probe_per_task": []}
 
-    @torch.no_grad()
     def similarity(self, model) -> torch.Tensor:
+        """(N, N) cosine similarity of the retrieval set's audio (rows) and video (columns) embeddings."""
         model.eval()
-        audio, video = [], []
-        for start in range(0, len(self.retrieval["label"]), self.cfg.eval.batch_size):
-            batch = {k: v[start:start + self.cfg.eval.batch_size].to(self.device, non_blocking=True)
-                     for k, v in self.retrieval.items()}
-            with self.autocast():
-                out = model.embed(batch)
-            audio.append(out["audio"].float())
-            video.append(out["video"].float())
-        return (torch.cat(audio) @ torch.cat(video).T).cpu()
+
+        def pair(batch):
+            out = model.embed(batch)
+            return torch.stack([out["audio"], out["video"]], dim=1)
+        embedded = embed_all(pair, self.retrieval, self.cfg.eval.batch_size, self.device, self.autocast)
+        return (embedded[:, 0] @ embedded[:, 1].T).cpu()
 
     def after_task(self, method, seen_tasks, record):
         scores = retrieval_scores(self.similarity(method.model), self.groups, self.recall_at)

@@ -16,8 +16,7 @@ an online-trained AVM cross-attention module providing the attention. One step
    candidate sets = top ``K = floor((1 - core_ratio) L)`` tokens (392 of 784 video, 256 of 512 audio
    tokens at ViT-B size), pooled queries ``q_a, q_v`` per head (A.5). K is also the selection budget.
 3. L_avm: the AVM matching BCE on half-deranged pairs, gradients into the AVM only (A.4). It is
-   ``model.avm_loss(x)`` computed on step 1's fusion outputs (same pairs from the same RNG calls,
-   ``avcl.models.avm.matching_pairs``; tested equal) instead of a second unimodal + fusion pass.
+   ``model.avm_loss(fused=...)`` on step 1's fusion outputs instead of a second unimodal + fusion pass.
 4. Buffer non-empty: draw ``B_r = train.replay_batch_size`` rows; current row n is aligned with
    replayed row ``n mod B_r``; correlation ``c`` of the current candidates against that row's stored
    pooled queries (A.6 step 1); pruning ~ Bernoulli(c) for current rows and ~ Bernoulli(stored c)
@@ -56,10 +55,9 @@ Deviations from the official code:
 - One reservoir for the run instead of one per GPU rank (single process; A.8's M/ngpu split does
   not apply). The buffer lives on the device of the data, dtype float32.
 - The correlation and importance scores are computed in float32 even under bf16 autocast.
-- The AVM matching loss reuses the scoring pass's fusion outputs (step 3): the deranged videos are
-  paired after the joint fusion pass, exactly as the backbone's ``model.avm_loss`` does; spec A.11
-  counts a second fusion pass for the matching, so if the backbone ever fuses the deranged pairs
-  jointly, this step must follow it.
+- The AVM matching loss reuses the scoring pass's fusion outputs (step 3, ``model.avm_loss(fused=...)``);
+  spec A.11 counts a second fusion pass for the matching, which gives the same values here because
+  the deranged videos are paired after the joint fusion pass.
 - STELLA+ follows A.8's description; ``stella_p.py`` cannot run as released, so its other details
   (if any) are unknown.
 - No separate AVM learning rate or weight decay (the code uses the same lr; our optimizer is one
@@ -75,7 +73,6 @@ import torch.nn.functional as F
 from avcl.errors import AvclError
 from avcl.methods import register
 from avcl.methods.base import Hparams, Method
-from avcl.models.avm import matching_pairs
 from avcl.models.patch_selection import (bernoulli_prune, candidate_mask, contiguous_audio_selection,
                                          past_correlation, patch_importance, pooled_queries, top_k_selection,
                                          weighted_sample_without_replacement)
@@ -151,9 +148,7 @@ class Stella(Method):
             i_a, i_v = patch_importance(att["q_a"], att["k_a"], att["q_v"], att["k_v"], hp.attention_temperature)
             q_a = pooled_queries(att["q_a"], i_a, self.budget["audio"])
             q_v = pooled_queries(att["q_v"], i_v, self.budget["video"])
-        labels, video_index = matching_pairs(len(f["audio"]), f["audio"].device)
-        logits = model.avm.match_logit(f["audio"], f["video"][video_index])
-        avm_loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+        avm_loss = model.avm_loss(fused=f)
         return {"i_audio": i_a, "i_video": i_v, "q_audio": q_a, "q_video": q_v,
                 "k_audio": att["k_a"], "k_video": att["k_v"], "avm_loss": avm_loss}
 

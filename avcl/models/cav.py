@@ -361,14 +361,18 @@ class CAVModel(nn.Module):
         return self.embed(batch)
 
     # ----- AVM (STELLA) --------------------------------------------------------------------------
-    def avm_loss(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    def avm_loss(self, x: Optional[dict[str, torch.Tensor]] = None,
+                 fused: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """The AVM matching BCE on prepared input ``x`` (spec A.4): the backbone under no_grad on the
         unmasked tokens (modality encoders, then the joint fusion pass); half the pairs positive, the
-        other half with their videos deranged among themselves. Weight 1; gradients reach ``avm`` only."""
+        other half with their videos deranged among themselves. Weight 1; gradients reach ``avm`` only.
+        ``fused``: that pass's output (``fuse(encode_unimodal(x))``) when the caller has it already."""
         if self.avm is None:
             raise AvclError("avm_loss needs the AVM module: set model.cav.avm=true")
-        with torch.no_grad():
-            f = self.fuse(self.encode_unimodal(x))
+        f = fused
+        if f is None:
+            with torch.no_grad():
+                f = self.fuse(self.encode_unimodal(x))
         labels, video_index = matching_pairs(f["audio"].shape[0], f["audio"].device)
         logits = self.avm.match_logit(f["audio"], f["video"][video_index])
         return F.binary_cross_entropy_with_logits(logits.float(), labels)
