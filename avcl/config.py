@@ -298,6 +298,77 @@ def validate(cfg: DictConfig) -> None:
             raise AvclError(f"bad config: '{key}' must be >= 1")
     if cfg.memory.size < 0:
         raise AvclError("bad config: 'memory.size' must be >= 0")
+    check_values(OmegaConf.to_container(cfg, resolve=True))
+    _choice("train.model_selection", cfg.train.model_selection, ("last", "best_val"))
+    device = cfg.train.device
+    if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise AvclError(f"bad config: 'train.device' must be auto, cpu, cuda, cuda:N or mps, got '{device}'")
+    if cfg.eval.probe != "none" and cfg.eval.probe_warmup_epochs > cfg.eval.probe_epochs:
+        raise AvclError(f"bad config: 'eval.probe_warmup_epochs' ({cfg.eval.probe_warmup_epochs}) must be <= "
+                        f"'eval.probe_epochs' ({cfg.eval.probe_epochs})")
+
+
+# The range of every number in a config, by dotted key (fnmatch patterns, the first match wins; each
+# element of a list of numbers is checked). Numbers not listed must be >= 0 (sizes, weights, counts);
+# "any" allows every finite number. NaN and infinity are refused everywhere.
+RANGES = {
+    "seed": ">=0",
+    "scenario.num_tasks": ">=1", "scenario.class_order": ">=0",
+    "model.embed_dim": ">=1", "model.feature_dim": ">=1", "model.snippets": ">=1", "model.visual_grid": ">=1",
+    "model.vit.mlp_ratio": ">0", "model.vit.crop_scales": "(0,1]", "model.vit.*": ">=1",
+    "model.cav.mask_ratio_*": "[0,1)", "model.cav.temperature": ">0", "model.cav.*_std": ">0",
+    "model.cav.*_mean": "any",
+    "train.epochs": ">=1", "train.batch_size": ">=1", "train.lr": ">0", "train.momentum": "[0,1)",
+    "train.num_threads": ">=1", "train.adam_betas": "[0,1)",
+    "init.batch_size": ">=1",
+    "eval.batch_size": ">=1", "eval.retrieval_per_class": ">=1", "eval.recall_at": ">=1", "eval.probe_lr": ">0",
+    "eval.probe_batch_size": ">=1",
+    # methods (method_args.<method>.<key>, and variants.<variant>.<key>)
+    "method_args.*.lr": ">0", "method_args.*.epochs": ">=1", "*temperature": ">0", "*.tau": ">0", "*.scale": ">0",
+    "*.mixup_alpha": ">0", "*_model_alpha": "[0,1]", "*_freq": "[0,1]", "*_ratio": "[0,1)", "*.gamma": "[0,1]",
+    "*.edit_decay": "[0,1]", "*.vad_lambda": "[0,1]", "*.ham_strength": "[0,1]",
+    "*.proxies_per_class": ">=1", "*.kmeans_iters": ">=1", "*.fisher_batch_size": ">=1", "*.search_factor": ">=1",
+    "*.audio_chunk": ">=1",
+    # datasets (data.<key>)
+    "data.*_fraction": "[0,1)", "data.num_classes": ">=1", "data.train_per_class": ">=1",
+    "data.test_per_class": ">=1", "data.classes_per_task": ">=1", "data.clip_seconds": ">0",
+    "data.frame_shift_ms": ">0", "data.mel_bins": ">=1", "data.frames": ">=1", "data.frame_size": ">=1",
+    "data.digit_size": ">=1", "data.audio_frames": ">=1",
+}
+_RULES = {
+    ">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=1": lambda v: v >= 1, "any": lambda v: True,
+    "[0,1]": lambda v: 0 <= v <= 1, "[0,1)": lambda v: 0 <= v < 1, "(0,1]": lambda v: 0 < v <= 1,
+}
+_WORDS = {">0": "> 0", ">=0": ">= 0", ">=1": ">= 1", "[0,1]": "in [0, 1]", "[0,1)": "in [0, 1)",
+          "(0,1]": "in (0, 1]"}
+
+
+def range_of(key: str) -> str:
+    """The rule ``RANGES`` gives the dotted ``key`` (">=0" when none matches)."""
+    import fnmatch
+    return next((rule for pattern, rule in RANGES.items() if fnmatch.fnmatchcase(key, pattern)), ">=0")
+
+
+def check_values(tree: Any, prefix: str = "") -> None:
+    """Every number of a config (sub)tree within its range (``RANGES``); raises one AvclError naming the key."""
+    import math
+    if isinstance(tree, dict):
+        skip = ("expected", "variants") if not prefix else ()  # variants: checked merged, in method_hparams_for
+        for key, value in tree.items():
+            if key not in skip:
+                check_values(value, f"{prefix}.{key}" if prefix else str(key))
+        return
+    values = tree if isinstance(tree, list) else [tree]
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not numbers:
+        return
+    rule = range_of(prefix)
+    bad = [v for v in numbers if not math.isfinite(v) or not _RULES[rule](v)]
+    if bad:
+        got = tree
+        need = "a finite number" if rule == "any" else _WORDS[rule]
+        raise AvclError(f"bad config: '{prefix}' must be {need}{' (each value)' if isinstance(tree, list) else ''}, "
+                        f"got {got}")
 
 
 def method_hparams_for(cfg: DictConfig, name: str):
@@ -323,6 +394,12 @@ def method_hparams_for(cfg: DictConfig, name: str):
         model_cfg = OmegaConf.merge(cfg.model, model_overrides)
     except OmegaConfBaseException as err:
         raise AvclError(f"variants.{name}: {config_error_message(err)}") from None
+    if name in cfg.variants:
+        try:
+            check_values(OmegaConf.to_container(merged), f"method_args.{base}")
+            check_values(OmegaConf.to_container(model_cfg), "model")
+        except AvclError as err:
+            raise AvclError(f"variants.{name}: {err}") from None
     return cls, cls.Hparams(**OmegaConf.to_container(merged)), model_cfg
 
 

@@ -161,11 +161,43 @@ def check_run(cfg: DictConfig, scenario) -> None:
     protocol_class(cfg.eval.protocol).check(cfg, scenario)
     model = build_model(cfg.model, scenario.tasks[0].train)  # data shapes vs model config, checkpoint files
     check_init(cfg, scenario, model)
+    check_forward(cfg, model, scenario.tasks[0].train)
+    memory_methods = [name for name in cfg.methods if method_hparams_for(cfg, name)[0].memory_budget == "config"]
+    classes = len(scenario.class_order)
+    if memory_methods and not getattr(model, "label_free", False) and cfg.memory.size < classes:
+        raise AvclError(f"memory.size={cfg.memory.size} holds less than one exemplar per class for {classes} classes "
+                        f"(methods {', '.join(memory_methods)}): set memory.size >= {classes}")
     if getattr(model, "label_free", False):
         train_rows = sum(len(t.train["label"]) for t in scenario.tasks)
         if cfg.memory.size > train_rows:
             raise AvclError(f"memory.size={cfg.memory.size} is larger than the whole stream ({train_rows} training "
                             "clips): the reservoir could never fill; lower memory.size")
+
+
+def check_forward(cfg: DictConfig, model, samples) -> None:
+    """One forward pass of the model on two training clips (on the CPU, no gradients): any mismatch
+    between the data's shapes and the model config (``model.visual_grid``, encoders that expect raw
+    inputs fed features, ...) is refused here, before anything is written."""
+    from avcl.data.samples import num_samples, select
+    rows = select(samples, torch.arange(min(2, num_samples(samples))))
+    shapes = ", ".join(f"{k} {tuple(v.shape[1:])} {str(v.dtype).replace('torch.', '')}"
+                       for k, v in rows.items() if k in ("audio", "video"))
+    try:
+        with torch.no_grad():
+            model.eval()
+            model.embed(rows)
+    except AvclError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure here is the data not fitting the model config
+        raise AvclError(f"model.name={cfg.model.name} (audio_encoder={cfg.model.audio_encoder}, video_encoder="
+                        f"{cfg.model.video_encoder}) cannot read this data ({shapes} per clip): "
+                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. {FEATURE_HINT}") from None
+
+
+# Which recipe fits which store (README "From video files to results"; docs/extraction.md)
+FEATURE_HINT = ("Feature stores from `avcl extract` train with recipe `features` (--output clip, tokens, snippets, "
+                "avcil), `had/features` (snippets, HAD) or `files/avdigits` (avcil); --output raw stores with "
+                "the pretrain/ recipes")
 
 
 def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_progress: bool = True,
