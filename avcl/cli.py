@@ -6,6 +6,7 @@ and exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,9 +15,7 @@ from avcl.errors import AvclError
 
 
 def _run(args) -> int:
-    from omegaconf import OmegaConf
-
-    from avcl.config import build_config, load_config, save_config
+    from avcl.config import load_config, load_saved_config, save_config
     from avcl.engine.runner import check_run, execute, make_scenario
     from avcl.eval.report import report
 
@@ -27,12 +26,13 @@ def _run(args) -> int:
         config_path = run_dir / "config.yaml"
         if not config_path.is_file():
             raise AvclError(f"cannot resume: {config_path} not found (is {run_dir} a run directory?)")
-        cfg = build_config(OmegaConf.to_container(OmegaConf.load(config_path)))
+        cfg = load_saved_config(config_path)
     else:
-        recipe = None
-        items = list(args.items)
-        if items and "=" not in items[0]:
-            recipe = items.pop(0)
+        names = [item for item in args.items if "=" not in item]  # the recipe, wherever it stands
+        if len(names) > 1:
+            raise AvclError(f"one recipe at a time, got {names} (overrides are key=value)")
+        recipe = names[0] if names else None
+        items = [item for item in args.items if "=" in item]
         cfg = load_config(recipe, items)
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (run_dir / "config.yaml").exists():
@@ -93,10 +93,28 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options and ``key=value`` overrides in any order (``avcl run RECIPE --out DIR k=v``): words
+    argparse leaves over join the command's positional list (``items`` / ``overrides``)."""
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    field = next((f for f in ("items", "overrides") if isinstance(getattr(args, f, None), list)), None)
+    stray = [word for word in extra if field is None or word.startswith("-")]
+    if stray:
+        top.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        setattr(args, field, getattr(args, field) + extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `avcl list | head`: the reader left; say nothing more (as cat does)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's exit flush must not raise again
+        return 141
     except AvclError as err:
         print(f"avcl: error: {err}", file=sys.stderr)
         return 2

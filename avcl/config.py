@@ -19,7 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from avcl.errors import AvclError
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+# The recipes: inside the package when installed (a wheel: avcl/recipes, see setup.py), else the
+# source tree's top-level recipes/ folder (a checkout, an editable install).
+REPO_RECIPES = next((path for path in (Path(__file__).resolve().parent / "recipes",
+                                       Path(__file__).resolve().parent.parent / "recipes") if path.is_dir()),
+                    Path(__file__).resolve().parent.parent / "recipes")
 
 
 @dataclass
@@ -252,6 +256,33 @@ def build_config(raw: dict | DictConfig, overrides: list[str] = ()) -> DictConfi
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def load_saved_config(path: Path) -> DictConfig:
+    """A run directory's ``config.yaml`` (what ``--resume`` reads back), refused with one message naming
+    the file when it is empty, not YAML, not a mapping, or cut short: a saved config is the whole resolved
+    config, so every section is there and the file ends with a newline."""
+    text = path.read_text()
+    if not text.strip():
+        raise AvclError(f"{path} is empty: it should hold the run's resolved config (nothing was changed)")
+    if not text.endswith("\n"):
+        raise AvclError(f"{path} is truncated (its last line is cut short): restore it or start a new run; "
+                        "nothing was changed")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None) or "parse error"
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise AvclError(f"{path} is not valid YAML ({where}{problem}); nothing was changed") from None
+    if not isinstance(raw, dict):
+        raise AvclError(f"{path} holds {'a list' if isinstance(raw, list) else type(raw).__name__}, not the run's "
+                        "config (a mapping of keys to values); nothing was changed")
+    sections = [f.name for f in dataclasses.fields(_schema(object, {}))]
+    missing = [name for name in sections if name not in raw]
+    if missing:
+        raise AvclError(f"{path} is truncated (no {', '.join(missing)} section): restore it or start a new run; "
+                        "nothing was changed")
+    return build_config(raw)
 
 
 def load_config(recipe: str | None, overrides: list[str] = ()) -> DictConfig:

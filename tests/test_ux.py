@@ -97,3 +97,145 @@ def test_issue_example_lr_minus_one_exits_2_without_a_run_directory(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip() == "avcl: error: bad config: 'train.lr' must be > 0, got -1.0"
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- defect 1: every `avcl extract` output trains
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """One tiny store per output kind of ``avcl extract`` (12 clips, 2 classes)."""
+    import avcl.media.extract as ex
+    from avcl.media.manifests import read_dataset
+    from test_extract import RAW, SMALL, make_clips
+    folder = tmp_path_factory.mktemp("stores")
+    manifest = make_clips(folder, 12, seconds=0.5)  # its split leaves class 'a' without test clips:
+    (folder / "unbalanced.csv").write_text(manifest.read_text())
+    rows = [f"c{i}.mp4,{'ab'[i % 2]},{'test' if i >= 8 else 'train'}" for i in range(12)]  # 4 + 2 per class
+    manifest.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    data = read_dataset(manifest)
+    paths = {}
+    for output in ("clip", "tokens", "snippets", "avcil", "raw"):
+        config = (ex.make_config("cav", RAW + ["decode.gray=true"], output="raw") if output == "raw" else
+                  ex.make_config("builtin", SMALL, output=output, snippets=3))
+        paths[output] = folder / f"{output}.h5"
+        ex.extract(data, paths[output], config, report=lambda line: None)
+    paths["unbalanced"] = folder / "unbalanced.h5"
+    ex.extract(read_dataset(folder / "unbalanced.csv"), paths["unbalanced"], ex.make_config("builtin", SMALL),
+               report=lambda line: None)
+    return paths
+
+
+FEATURE_RECIPES = [  # the recipe docs/extraction.md names for each output kind, and its overrides
+    ("clip", "features", []),
+    ("tokens", "features", []),
+    ("snippets", "features", []),
+    ("snippets", "had/features", ["methods=[finetune,had]"]),
+    ("avcil", "features", []),
+    ("avcil", "files/avdigits", ["model.visual_grid=[4,16]"]),
+    ("raw", "pretrain/features", ["model.vit.audio_patch=[8,8]", "model.vit.video_patch=8", "eval.recall_at=[1]"]),
+]
+
+
+@pytest.mark.parametrize("output, recipe, extra", FEATURE_RECIPES, ids=[f"{o}-{r}" for o, r, _ in FEATURE_RECIPES])
+def test_every_extract_output_trains_with_its_recipe(stores, output, recipe, extra, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "run", recipe, f"data.store={stores[output]}", "scenario.num_tasks=2",
+                                 "train.epochs=1", "memory.size=4", "--out", out, "--quiet",
+                                 *(extra or ["methods=[finetune]"]))
+    assert code == 0, err
+    assert "| finetune" in stdout
+    assert json.loads((out / "finetune" / "metrics.json").read_text())["complete"]
+
+
+@pytest.mark.parametrize("output", ["clip", "tokens", "snippets"])
+def test_wrong_recipe_for_a_store_names_the_recipe_to_use(stores, output, tmp_path, capsys):
+    # what the docs used to say: any recipe + data.name=features
+    code, _, err = run_main(capsys, "run", "avdigits", "data.name=features", f"data.store={stores[output]}",
+                            "scenario.num_tasks=2", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "recipe `features`")
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- defect 1: options and overrides in any order
+
+def test_options_and_overrides_mix_in_any_order(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "run", "--quiet", "synthetic", "--out", out, *TINY[:4],
+                                 "--data-root", tmp_path, *TINY[4:], "methods=[finetune]", "train.epochs=2")
+    assert code == 0, err
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["name"] == "synthetic" and config["train"]["epochs"] == 2 and config["methods"] == ["finetune"]
+    assert config["data"]["num_classes"] == 6 and config["memory"]["size"] == 30
+
+
+def test_unknown_option_still_refused_and_list_into_a_closed_pipe(tmp_path):
+    result = run_cli("run", "synthetic", "--outt", str(tmp_path / "r"), "seed=1")
+    assert result.returncode == 2 and "unrecognized arguments: --outt" in result.stderr
+    assert not (tmp_path / "r").exists()
+    # `avcl list | head`: the reader is gone before avcl writes (`true` reads nothing and exits at once)
+    pipe = subprocess.run(f"{sys.executable} -m avcl list | true", shell=True, capture_output=True, text=True,
+                          cwd=REPO)
+    assert pipe.stderr == "", pipe.stderr
+
+
+# ---------------------------------------------------------------- defect 3: no NaN in the accuracy matrix
+
+def test_a_class_without_test_clips_is_refused_by_name(stores, tmp_path, capsys):
+    code, _, err = run_main(capsys, "run", "features", f"data.store={stores['unbalanced']}", "scenario.num_tasks=2",
+                            "methods=[finetune]", "train.epochs=1", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "class 'a'", "no test clips")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_class_without_val_clips_when_others_have_some_is_refused():
+    import torch
+    from avcl.data import AVDataset
+    from avcl.data.scenario import class_incremental
+    from avcl.errors import AvclError
+
+    def split(labels):
+        return {"audio": torch.zeros(len(labels), 3), "label": torch.tensor(labels, dtype=torch.long)}
+    dataset = AVDataset(name="toy", train=split([0, 0, 1, 1, 2, 2]), val=split([0, 2]), test=split([0, 1, 2]),
+                        class_names=["zero", "one", "two"])
+    with pytest.raises(AvclError, match="class 'one' of dataset 'toy' has no val clips"):
+        class_incremental(dataset, 3)
+    fine = AVDataset(name="toy", train=split([0, 0, 1, 1, 2, 2]), val=split([]), test=split([0, 1, 2]),
+                     class_names=["zero", "one", "two"])
+    assert len(class_incremental(fine, 3).tasks) == 3  # no val at all: allowed (val_fraction=0)
+
+
+# ---------------------------------------------------------------- defect 1: --resume with a damaged config.yaml
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "run"
+    assert main(["run", "synthetic", *TINY, "methods=[finetune]", "train.epochs=1", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+DAMAGED = [
+    ("invalid", lambda text: "name: [unclosed\n" + text, "not valid YAML"),
+    ("list", lambda text: "- 1\n- 2\n", "a list"),
+    ("truncated", lambda text: text[:len(text) // 2], "truncated"),
+    ("truncated-at-a-line", lambda text: text[:text.index("\ntrain:") + 1], "truncated"),
+    ("empty", lambda text: "", "empty"),
+]
+
+
+@pytest.mark.parametrize("case, damage, what", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_resume_with_a_damaged_config_says_which_file_and_changes_nothing(finished_run, case, damage, what,
+                                                                         tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    config = run / "config.yaml"
+    config.write_text(damage(config.read_text()))
+    before = snapshot(run)
+    code, stdout, err = run_main(capsys, "run", "--resume", run)
+    assert_one_line_error(code, err, str(config), what)
+    assert stdout == "" and snapshot(run) == before

@@ -58,10 +58,31 @@ def task_sizes(num_classes: int, num_tasks: int, initial_classes: int = 0) -> li
     return [num_classes // num_tasks] * num_tasks
 
 
+def check_class_splits(dataset: AVDataset) -> None:
+    """Every class has train and test clips, and val clips when the dataset has any: a class with none
+    would leave an empty cell (NaN) in the accuracy matrix, or no data to learn it from."""
+    counts = {name: torch.bincount(getattr(dataset, name)["label"].long().cpu(), minlength=dataset.num_classes)
+              if getattr(dataset, name) and len(getattr(dataset, name)["label"]) else torch.zeros(dataset.num_classes,
+                                                                                                  dtype=torch.long)
+              for name in ("train", "val", "test")}
+    needed = ("train", "test") + (("val",) if counts["val"].sum() > 0 else ())
+    for split in needed:
+        empty = torch.nonzero(counts[split] == 0).flatten().tolist()
+        if empty:
+            names = ", ".join(f"'{dataset.class_names[c]}'" for c in empty[:10]) + (" ..." if len(empty) > 10 else "")
+            noun = "class" if len(empty) == 1 else f"{len(empty)} classes"
+            raise AvclError(f"{noun} {names} of dataset '{dataset.name}' {'has' if len(empty) == 1 else 'have'} no "
+                            f"{split} clips (train/val/test clips of the first: {counts['train'][empty[0]]}/"
+                            f"{counts['val'][empty[0]]}/{counts['test'][empty[0]]}): every class needs train and "
+                            "test clips, and val clips when any class has some; fix the dataset's splits (or leave "
+                            "the class out)")
+
+
 def class_incremental(dataset: AVDataset, num_tasks: int, initial_classes: int = 0,
                       class_order: list[int] | None = None, shuffle_classes: bool = True,
                       seed: int = 0) -> Scenario:
     n = dataset.num_classes
+    check_class_splits(dataset)
     if class_order is None:
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
                  if shuffle_classes else list(range(n)))

@@ -65,7 +65,7 @@ class HADNet(nn.Module):
             if name == "linear":  # snippet features (B, N, D) in
                 self.low[m] = SnippetLinear(shape[-1], cfg.embed_dim)
             else:
-                self.low[m] = RawSnippets(encoder_class(m, name, extra=("linear",)), shape, cfg.snippets,
+                self.low[m] = RawSnippets(encoder_class(m, name), shape, cfg.snippets,
                                           cfg.embed_dim)
         width = cfg.embed_dim * len(self.modalities)
         self.snippet_fusion = nn.Sequential(nn.Linear(width, cfg.feature_dim), nn.ReLU())
