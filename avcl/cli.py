@@ -42,10 +42,14 @@ def _run(args) -> int:
     if not args.resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    args.run_dir = run_dir  # from here on, an interrupted run can be resumed (main's hint)
     print(f"avcl: run '{cfg.name}' -> {run_dir}", file=sys.stderr)
     execute(cfg, run_dir, show_progress=not args.quiet, scenario=scenario)
     print(report(run_dir))
-    print(f"\nrun directory: {run_dir}")
+    size = sum(path.stat().st_size for path in run_dir.rglob("*") if path.is_file())
+    print(f"\nrun directory: {run_dir} ({size / 2**20:.1f} MiB"
+          + ("" if cfg.train.keep_checkpoints else "; train.keep_checkpoints=true keeps each method's checkpoint")
+          + ")")
     return 0
 
 
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"avcl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = getattr(args, "resume", None) or getattr(args, "out", None)
+        resume = getattr(args, "run_dir", None)
         hint = f"; continue with: avcl run --resume {resume}" if resume else ""
         print(f"avcl: interrupted{hint}", file=sys.stderr)
         return 130

@@ -114,6 +114,9 @@ class TrainConfig:
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     # task: a fresh optimizer for every task | stream: one for the whole stream (the pre-training code's)
     optimizer_scope: str = "task"
+    # false: a method's checkpoint.pt (needed only to resume it) is deleted once the method is complete;
+    # true: every method keeps its final checkpoint (model, memory, optimizer) in the run directory
+    keep_checkpoints: bool = False
 
 
 @dataclass
@@ -246,6 +249,9 @@ def build_config(raw: dict | DictConfig, overrides: list[str] = ()) -> DictConfi
     from avcl.methods import method_hparams
 
     cli = parse_overrides(list(overrides))
+    for source in (raw, cli):  # `methods=finetune` / `methods=finetune,er`: a name or a comma list is a list
+        if isinstance(source.get("methods"), str):
+            source["methods"] = [m.strip() for m in source["methods"].split(",") if m.strip()]
     data_name = OmegaConf.select(cli, "data.name") or OmegaConf.select(
         OmegaConf.create(raw), "data.name") or "avdigits"
     schema = OmegaConf.structured(_schema(dataset_options(data_name), method_hparams()))

@@ -239,3 +239,64 @@ def test_resume_with_a_damaged_config_says_which_file_and_changes_nothing(finish
     code, stdout, err = run_main(capsys, "run", "--resume", run)
     assert_one_line_error(code, err, str(config), what)
     assert stdout == "" and snapshot(run) == before
+
+
+# ---------------------------------------------------------------- defect 5: small but real
+
+def test_methods_as_a_single_name_or_a_comma_list(tmp_path, capsys):
+    from avcl.config import load_config
+    assert list(load_config("synthetic", ["methods=finetune"]).methods) == ["finetune"]
+    assert list(load_config("synthetic", ["methods=finetune,er"]).methods) == ["finetune", "er"]
+    code, _, err = run_main(capsys, "run", "synthetic", "methods=magic", "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "magic")
+
+
+def test_interrupted_run_without_out_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import avcl.engine.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runner, "execute", interrupted)
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "synthetic", *TINY, "methods=[finetune]"])
+    err = capsys.readouterr().err
+    assert code == 130
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and f"continue with: avcl run --resume {Path('runs') / runs[0].name}" in err, err
+
+
+def test_run_files_follow_the_umask(tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_main(capsys, "run", "synthetic", *TINY, "methods=[finetune]", "train.epochs=1",
+                                "train.keep_checkpoints=true", "--out", tmp_path / "run", "--quiet")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"config.yaml", "metrics.json", "checkpoint.pt", "accuracy.png", "dataset.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+
+
+def test_finished_methods_keep_no_checkpoint_unless_asked_and_the_size_is_said(tmp_path, capsys):
+    for keep in ("false", "true"):
+        out = tmp_path / keep
+        code, stdout, err = run_main(capsys, "run", "synthetic", *TINY, "methods=[finetune,er]", "train.epochs=1",
+                                     f"train.keep_checkpoints={keep}", "--out", out, "--quiet")
+        assert code == 0, err
+        assert [(out / m / "checkpoint.pt").is_file() for m in ("finetune", "er")] == [keep == "true"] * 2
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        assert f"run directory: {out} ({size / 2**20:.1f} MiB" in stdout
+
+
+def test_all_missing_data_reported_at_once_with_counts(tmp_path, capsys):
+    recordings = tmp_path / "data" / "fsdd" / "recordings"
+    recordings.mkdir(parents=True)
+    for name in ("0_george_0.wav", "1_jackson_3.wav"):
+        (recordings / name).write_bytes(b"")
+    (tmp_path / "data" / "mnist").mkdir()
+    (tmp_path / "data" / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
+    code, _, err = run_main(capsys, "run", "avdigits", "data.download=false", "--data-root", tmp_path / "data",
+                            "--out", tmp_path / "run")
+    assert_one_line_error(code, err, f"FSDD incomplete: 2 of 3,000 wav files in {recordings}",
+                          "MNIST incomplete: 1 of 2 files", "no t10k-labels-idx1-ubyte.gz")

@@ -86,10 +86,18 @@ def render_video(digits: torch.Tensor, onset: np.ndarray, opts: AVDigitsOptions,
 @register_dataset("avdigits", AVDigitsOptions,
                   "AV-Digits: FSDD spoken digits + MNIST handwritten digits as short AV clips (real data)")
 def build_avdigits(opts: AVDigitsOptions, data_root: str | None, seed: int) -> AVDataset:
-    recordings_dir = locate_fsdd(data_root, download=opts.download, url=opts.fsdd_url)
-    mnist_dir = locate_mnist(data_root, download=opts.download, urls={
-        "t10k-images-idx3-ubyte.gz": opts.mnist_images_url,
-        "t10k-labels-idx1-ubyte.gz": opts.mnist_labels_url})
+    found, missing = {}, []  # look for both before refusing: all missing data in one message
+    for name, locate in (("fsdd", lambda: locate_fsdd(data_root, download=opts.download, url=opts.fsdd_url)),
+                         ("mnist", lambda: locate_mnist(data_root, download=opts.download, urls={
+                             "t10k-images-idx3-ubyte.gz": opts.mnist_images_url,
+                             "t10k-labels-idx1-ubyte.gz": opts.mnist_labels_url}))):
+        try:
+            found[name] = locate()
+        except AvclError as err:
+            missing.append(str(err))
+    if missing:
+        raise AvclError("; ".join(missing))
+    recordings_dir, mnist_dir = found["fsdd"], found["mnist"]
     recordings = list_fsdd(recordings_dir)
     speakers = sorted({speaker for _, _, speaker, _ in recordings})
     unknown = sorted(set(opts.held_out_speakers) - set(speakers))

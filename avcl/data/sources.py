@@ -107,16 +107,21 @@ def locate_fsdd(
     """Return the FSDD ``recordings`` directory (>= 3,000 wavs), downloading it if allowed."""
     roots, cache = data_roots(data_root), _cache(cache_dir)
     final = cache / "fsdd" / "recordings"
+    counts = {}
     for candidate in [r / "fsdd" / "recordings" for r in roots] + [final]:
-        if _count_fsdd(candidate) >= FSDD_COUNT:
+        counts[candidate] = _count_fsdd(candidate)
+        if counts[candidate] >= FSDD_COUNT:
             return candidate
+    partial = max(counts, key=counts.get)
+    status = (f"FSDD incomplete: {counts[partial]:,} of {FSDD_COUNT:,} wav files in {partial}" if counts[partial]
+              else "FSDD not found")
     where = (
         f"{roots[0] / 'fsdd' / 'recordings'}/"
         if roots
         else "<root>/fsdd/recordings/ (and point --data-root or AVCL_DATA_DIR at <root>)"
     )
     hint = (
-        f"FSDD not found. Put the 3,000 wav files of free-spoken-digit-dataset v1.0.10 in {where}, "
+        f"{status}. Put the 3,000 wav files of free-spoken-digit-dataset v1.0.10 in {where}, "
         f"or allow the download of {url} into {final}"
     )
     if not download:
@@ -204,12 +209,18 @@ def locate_mnist(
     """Return the directory holding both MNIST test files, downloading them if allowed."""
     roots, cache = data_roots(data_root), _cache(cache_dir)
     final = cache / "mnist"
+    present = {}
     for candidate in [r / "mnist" for r in roots] + [final]:
-        if all((candidate / name).is_file() for name in _MNIST_SHAPES):
+        present[candidate] = [name for name in _MNIST_SHAPES if (candidate / name).is_file()]
+        if len(present[candidate]) == len(_MNIST_SHAPES):
             return candidate
+    partial = max(present, key=lambda c: len(present[c]))
+    status = (f"MNIST incomplete: {len(present[partial])} of {len(_MNIST_SHAPES)} files in {partial} (no "
+              f"{', '.join(n for n in _MNIST_SHAPES if n not in present[partial])})" if present[partial]
+              else "MNIST not found")
     where = f"{roots[0] / 'mnist'}/" if roots else "<root>/mnist/ (and point --data-root or AVCL_DATA_DIR at <root>)"
     hint = (
-        f"MNIST not found. Put {MNIST_IMAGES} and {MNIST_LABELS} (the MNIST test set) in {where}, "
+        f"{status}. Put {MNIST_IMAGES} and {MNIST_LABELS} (the MNIST test set) in {where}, "
         f"or allow the download of {' and '.join(urls[n] for n in _MNIST_SHAPES)} into {final}/"
     )
     if not download:

@@ -12,6 +12,13 @@ import numpy as np
 import torch
 
 
+def file_mode() -> int:
+    """Permissions of a new ordinary file under the process umask (mkstemp's files are private: 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)
@@ -22,6 +29,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

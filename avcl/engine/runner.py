@@ -6,7 +6,8 @@ Run directory::
     events.jsonl             one JSON event per line (run/method/task/epoch start and end)
     init/model.pt, init/metrics.json   the init stage's model (config ``init``) and its evaluation
     <method>/metrics.json    written after every task; "complete": true when the method is done
-    <method>/checkpoint.pt   after every task: model, method state (memory...), optimizer, RNG, metrics
+    <method>/checkpoint.pt   after every task: model, method state (memory...), optimizer, RNG, metrics;
+                             deleted once the method is complete unless train.keep_checkpoints=true
     <method>/accuracy_matrix.png, accuracy.png   plots (retrieval_matrix.png, retrieval.png)
 
 What is measured after each task is the protocol's (``eval.protocol``, avcl.eval.protocols).
@@ -134,6 +135,8 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
                           ckpt_path)
         metrics = method_metrics(name, record, protocol, scenario, len(tasks), complete)
         atomic_write_json(metrics_path, metrics)
+        if complete and not cfg.train.keep_checkpoints:  # only resuming needs it, and the method is done
+            ckpt_path.unlink(missing_ok=True)
         log("task_end", method=name, task=t, summary=summary, seconds=round(seconds, 3))
         bar.set_postfix(task=t, eval=summary)
         if show_progress and not interactive:  # logs and CI: one line per task instead of a bar

@@ -11,6 +11,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from avcl.engine.checkpoint import file_mode
+
 
 def write_clip(path, frames: np.ndarray, fps: int, audio: np.ndarray | None = None,
                sample_rate: int = 16000, crf: int = 23) -> None:
@@ -45,9 +47,7 @@ def write_clip(path, frames: np.ndarray, fps: int, audio: np.ndarray | None = No
                     container.mux(packet)
                 for packet in astream.encode():
                     container.mux(packet)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a written clip is an ordinary file
+        os.chmod(tmp, file_mode())  # mkstemp makes the file private; a written clip is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
