@@ -300,3 +300,41 @@ def test_all_missing_data_reported_at_once_with_counts(tmp_path, capsys):
                             "--out", tmp_path / "run")
     assert_one_line_error(code, err, f"FSDD incomplete: 2 of 3,000 wav files in {recordings}",
                           "MNIST incomplete: 1 of 2 files", "no t10k-labels-idx1-ubyte.gz")
+
+
+def test_avcil_ave_missing_files_mention_convert_features(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    code, _, err = run_main(capsys, "run", "avcil/ave", "--data-root", tmp_path / "data", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "missing file", "avcl convert-features --dataset AVE")
+
+
+def captured_figures(monkeypatch):
+    import avcl.eval.plots as plots
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.__setitem__(Path(path).name, fig))
+    return figures
+
+
+def test_accuracy_plot_has_every_head_and_integer_ticks(monkeypatch):
+    from avcl.eval.plots import plot_accuracy_curves
+    figures = captured_figures(monkeypatch)
+    results = {"icarl": {"step_accuracy": [0.9, 0.8, 0.7], "heads": {"fc": {"step_accuracy": [0.9, 0.7, 0.6]}}},
+               "er": {"step_accuracy": [0.95, 0.8, 0.75], "heads": {}}}
+    plot_accuracy_curves(results, Path("accuracy.png"))
+    ax = figures["accuracy.png"].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["icarl", "icarl [fc]", "er"]
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks == [1, 2, 3]
+
+
+def test_heat_maps_are_labelled_by_the_classes_of_each_task(tmp_path, monkeypatch):
+    from avcl.eval.plots import plot_run
+    figures = captured_figures(monkeypatch)
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "class_names": ["seven", "two", "nine", "zero"], "class_order": [7, 2, 9, 0],
+        "tasks": [{"classes": [0, 1]}, {"classes": [2, 3]}]}))
+    metrics = {"method": "er", "accuracy_matrix": [[1.0], [0.5, 0.9]], "step_accuracy": [1.0, 0.7], "heads": {}}
+    plot_run(tmp_path, {"er": metrics})
+    ax = figures["accuracy_matrix.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["seven, two", "nine, zero"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["seven, two", "nine, zero"]

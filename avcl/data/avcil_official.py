@@ -208,9 +208,17 @@ def build_avcil_official(opts: AVCILOfficialOptions, data_root: str | None, seed
                                  data_root, seed)
         dataset.name = f"avcil_official/{opts.dataset}"
         return dataset
-    protocol = read_protocol(protocol_folder)
-    all_ids = [vid for split in SPLITS for vid in protocol.ids[split]]
-    source = FeatureSource(folder, opts.dataset, all_ids)
+    try:
+        protocol = read_protocol(protocol_folder)
+        all_ids = [vid for split in SPLITS for vid in protocol.ids[split]]
+        source = FeatureSource(folder, opts.dataset, all_ids)
+    except AvclError as err:
+        if not str(err).startswith("missing file"):
+            raise
+        raise AvclError(f"{err}: neither the feature store {store} nor the authors' released files are there; "
+                        f"put AV-CIL's data/{FOLDERS[opts.dataset]}/ under --data-root (or $AVCL_DATA_DIR), then "
+                        f"convert it once with `avcl convert-features --dataset {opts.dataset} --root DATA_ROOT` "
+                        "(docs/avcil.md)") from None
     try:
         audio_shape, visual_shape = source.audio_shape, source.visual_shape
         splits = {}

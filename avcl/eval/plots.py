@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import matplotlib
@@ -34,13 +35,33 @@ def _curves(ax, results: dict[str, dict], values, ylabel: str) -> None:
 
 
 def plot_accuracy_curves(results: dict[str, dict], path: Path) -> None:
+    """One curve per method and per other head of it ("icarl [fc]"), as the report's rows."""
+    rows = {}
+    for name, metrics in results.items():
+        rows[name] = metrics
+        rows.update({f"{name} [{head}]": m for head, m in metrics.get("heads", {}).items()})
     fig, ax = plt.subplots(figsize=(6, 4))
-    _curves(ax, results, lambda m: m["step_accuracy"], "accuracy on all seen classes")
+    _curves(ax, rows, lambda m: m["step_accuracy"], "accuracy on all seen classes")
     _save(fig, path)
 
 
-def _matrix(ax, rows: list[list[float]], title: str) -> object:
-    """Heat map of a (possibly lower-triangular) matrix of fractions, values written in the cells."""
+def task_labels(run_dir: Path) -> list[str] | None:
+    """Each task named by its classes ("seven, two"), from the run's dataset.json; None without it."""
+    path = Path(run_dir) / "dataset.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    names = info["class_names"]
+    labels = []
+    for task in info["tasks"]:
+        text = ", ".join(str(names[c]) for c in task["classes"])
+        labels.append(text if len(text) <= 24 else text[:22] + "…")
+    return labels
+
+
+def _matrix(ax, rows: list[list[float]], title: str, labels: list[str] | None = None) -> object:
+    """Heat map of a (possibly lower-triangular) matrix of fractions, values written in the cells;
+    ``labels`` name the tasks (rows and columns) by their classes."""
     grid = np.full((len(rows), max(len(r) for r in rows)), np.nan)
     for t, row in enumerate(rows):
         grid[t, :len(row)] = row
@@ -51,15 +72,23 @@ def _matrix(ax, rows: list[list[float]], title: str) -> object:
                     color="white" if value < 0.5 else "black")
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after learning task")
+    columns = grid.shape[1]
+    if labels and len(labels) >= columns and len(rows) in (len(labels), 1):
+        ax.set_xticks(range(columns), labels[:columns], rotation=30, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)), labels[:len(rows)] if len(rows) > 1 else ["all tasks"], fontsize=7)
+    else:
+        ax.set_xticks(range(columns), [str(i + 1) for i in range(columns)])
+        ax.set_yticks(range(len(rows)), [str(t + 1) for t in range(len(rows))])
     ax.set_title(title, fontsize=9)
     return image
 
 
-def plot_accuracy_matrix(metrics: dict, path: Path) -> None:
+def plot_accuracy_matrix(metrics: dict, path: Path, labels: list[str] | None = None) -> None:
     rows = metrics["accuracy_matrix"]
     size = max(len(rows), max(len(r) for r in rows))
-    fig, ax = plt.subplots(figsize=(1 + 0.7 * size, 0.8 + 0.6 * size))
-    fig.colorbar(_matrix(ax, rows, metrics["method"]), ax=ax, fraction=0.046)
+    width = 1.5 if labels else 0.0  # room for the class names
+    fig, ax = plt.subplots(figsize=(1 + width + 0.7 * size, 0.8 + width + 0.6 * size))
+    fig.colorbar(_matrix(ax, rows, metrics["method"], labels), ax=ax, fraction=0.046)
     _save(fig, path)
 
 
@@ -69,11 +98,11 @@ def mean_over_k(metrics: dict, direction: str) -> list[list[float]]:
     return [[sum(values) / len(values) for values in zip(*rows)] for rows in zip(*by_k)]
 
 
-def plot_retrieval_matrix(metrics: dict, path: Path) -> None:
+def plot_retrieval_matrix(metrics: dict, path: Path, labels: list[str] | None = None) -> None:
     size = len(mean_over_k(metrics, "a2v")[0])
     fig, axes = plt.subplots(1, 2, figsize=(2 + 1.4 * size, 0.8 + 0.6 * size))
     for ax, (direction, title) in zip(axes, (("a2v", "audio→video"), ("v2a", "video→audio"))):
-        image = _matrix(ax, mean_over_k(metrics, direction), f"{metrics['method']}: {title}, mean R@k")
+        image = _matrix(ax, mean_over_k(metrics, direction), f"{metrics['method']}: {title}, mean R@k", labels)
     fig.colorbar(image, ax=axes, fraction=0.03)
     _save(fig, path)
 
@@ -87,11 +116,12 @@ def plot_retrieval_curves(results: dict[str, dict], path: Path) -> None:
 
 
 def plot_run(run_dir: Path, results: dict[str, dict], protocol: str = "accuracy") -> None:
+    labels = task_labels(run_dir)
     if protocol == "retrieval":
         plot_retrieval_curves(results, run_dir / "retrieval.png")
         for name, metrics in results.items():
-            plot_retrieval_matrix(metrics, run_dir / name / "retrieval_matrix.png")
+            plot_retrieval_matrix(metrics, run_dir / name / "retrieval_matrix.png", labels)
         return
     plot_accuracy_curves(results, run_dir / "accuracy.png")
     for name, metrics in results.items():
-        plot_accuracy_matrix(metrics, run_dir / name / "accuracy_matrix.png")
+        plot_accuracy_matrix(metrics, run_dir / name / "accuracy_matrix.png", labels)
