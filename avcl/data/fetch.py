@@ -18,8 +18,8 @@ Sources (``source``): None = the URLs AV-Digits downloads from (``data.fsdd_url`
 (``http://``, ``https://``, ``file://``) = a mirror holding the three archives under their
 official names (``v1.0.10.tar.gz``, ``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz``);
 a local directory = either such a mirror (the FSDD archive may also be named
-``free-spoken-digit-dataset-1.0.10.tar.gz``, as a browser saves it) or a data root holding
-``fsdd/recordings/`` and ``mnist/`` (another machine's copy, or its ``~/.cache/avcl``).
+``free-spoken-digit-dataset-1.0.10.tar.gz``, as a browser saves it, or be unpacked there) or a
+data root holding ``fsdd/recordings/`` and ``mnist/`` (another machine's copy, or its ``~/.cache/avcl``).
 
 Everything is staged in a scratch directory inside ``to``, verified, and only then moved into
 place (os.replace), so ``to`` never holds an unverified copy; data already there is verified and
@@ -77,7 +77,8 @@ def _sources(source: str | None) -> dict:
     root = Path(source).expanduser()
     if not root.is_dir():
         raise AvclError(f"--from {source}: not a URL (http://, https://, file://) nor an existing directory")
-    fsdd = next((root / d for d in ("fsdd/recordings", "recordings") if _count_fsdd(root / d) >= FSDD_COUNT), None)
+    unpacked = ("fsdd/recordings", "recordings", "free-spoken-digit-dataset-1.0.10/recordings")
+    fsdd = next((root / d for d in unpacked if _count_fsdd(root / d) >= FSDD_COUNT), None)
     if fsdd is None:
         archive = next((root / n for n in FSDD_ARCHIVE_NAMES if (root / n).is_file()), None)
         fsdd = archive.resolve().as_uri() if archive else None
