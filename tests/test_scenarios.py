@@ -147,3 +147,27 @@ def test_blurry_online_pretraining_stream_runs_end_to_end(tmp_path):
     dataset = json.loads((tmp_path / "dataset.json").read_text())
     assert dataset["info"]["blurry"]["fraction"] == 0.25
     assert sum(t["train"] for t in dataset["tasks"]) == 6 * 16  # every clip still in the stream, once
+
+
+def test_a_record_checkpointed_before_taw_resumes_without_wrong_taw_rows():
+    from omegaconf import OmegaConf
+
+    from avcl.eval.protocols import Accuracy
+    tasks = [_task(0, [0, 1], [0, 1]), _task(1, [2, 3], [2, 3])]
+    cfg = OmegaConf.create({"eval": {"batch_size": 8, "forgetting": "standard"}})
+    protocol = Accuracy(cfg, None, "cpu", contextlib.nullcontext)
+
+    class Method:
+        predict = staticmethod(lambda batch: torch.nn.functional.one_hot(batch["label"], 4).float())
+
+        def extra_heads(self):
+            return {"nme": self.predict}
+    old = {"matrix": [[1.0]], "step": [1.0], "val": [None], "heads": {"nme": {"matrix": [[1.0]], "step": [1.0]}}}
+    protocol.after_task(Method(), tasks, old)
+    m = protocol.metrics(old)
+    assert m["accuracy_matrix"] == [[1.0], [1.0, 1.0]] and "taw_accuracy_matrix" not in m
+    assert "taw_last_accuracy" not in m["heads"]["nme"]
+    fresh = protocol.new_record()
+    for t in (1, 2):
+        protocol.after_task(Method(), tasks[:t], fresh)
+    assert protocol.metrics(fresh)["taw_accuracy_matrix"] == [[1.0], [1.0, 1.0]]
