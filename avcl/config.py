@@ -29,9 +29,13 @@ REPO_RECIPES = next((path for path in (Path(__file__).resolve().parent / "recipe
 @dataclass
 class ScenarioConfig:
     num_tasks: int = 5
-    initial_classes: int = 0  # classes in the first task; 0 = equal split over num_tasks
+    first_task_classes: int = 0  # classes in the first (base) task, the rest split over num_tasks-1; 0 = equal
+    initial_classes: int = 0  # older name of first_task_classes (configs of earlier runs)
     class_order: Optional[List[int]] = None  # explicit order; None = see shuffle_classes
     shuffle_classes: bool = True  # None order: a permutation seeded by `seed`, else natural order
+    # pre-training stream: fraction in [0, 1) of each task's training clips moved to other tasks
+    # (blurry task boundaries; avcl/data/scenario.py). Online: train.epochs=1
+    blurry: float = 0.0
 
 
 @dataclass

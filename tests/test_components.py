@@ -22,11 +22,11 @@ def toy_dataset(num_classes=6, per_class=10):
 
 def test_task_sizes_equal_and_base_plus_increments():
     assert task_sizes(10, 5) == [2] * 5
-    assert task_sizes(10, 3, initial_classes=4) == [4, 3, 3]
+    assert task_sizes(10, 3, first_task_classes=4) == [4, 3, 3]
     with pytest.raises(AvclError, match="num_tasks"):
         task_sizes(10, 3)
-    with pytest.raises(AvclError, match="initial_classes"):
-        task_sizes(10, 3, initial_classes=5)
+    with pytest.raises(AvclError, match="first_task_classes"):
+        task_sizes(10, 3, first_task_classes=5)
 
 
 def test_scenario_remaps_labels_to_contiguous_tasks():

@@ -3,11 +3,28 @@
 Labels are remapped to the position of the class in the class order, so task t holds the
 contiguous label range ``[offset_t, offset_t + size_t)`` and a growing classifier only ever
 appends rows. ``class_order[new_label]`` gives the dataset's original label back.
+
+Config ``scenario`` (``from_config``):
+
+* ``num_tasks`` equal tasks, or with ``first_task_classes`` > 0 a base task of that many classes
+  plus ``num_tasks - 1`` equal increments (PyCIL's "B50-10" style: e.g. 10 classes,
+  ``first_task_classes=4``, ``num_tasks=4`` -> 4 + 2 + 2 + 2); a split that does not divide is
+  refused with a message naming both keys. ``initial_classes`` is the older name of the same key
+  (configs of earlier runs still load); giving both with different values is refused.
+* ``blurry`` (pre-training stream only): a fraction in [0, 1) of each task's *training* clips
+  moved to the training data of another task, drawn uniformly among the other tasks (seeded by
+  ``seed``), so each task's stream holds about that share of clips of classes that are not its
+  own, and task boundaries blur (the "Blurry-M" setting of Rainbow Memory / i-Blurry, with
+  M = 100 x blurry). Which classes a task owns is unchanged, and so are the val and test data and
+  every evaluation (grouped by class). A label-free model only: a class-incremental head learns a
+  task's classes at that task's step. ``train.epochs=1`` makes it a single pass over the stream
+  (online: every clip is seen once, at its place in the stream).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from avcl.data import AVDataset
@@ -44,17 +61,24 @@ class Scenario:
         return owner
 
 
-def task_sizes(num_classes: int, num_tasks: int, initial_classes: int = 0) -> list[int]:
-    """Equal split, or a base task of ``initial_classes`` plus equal increments."""
-    if initial_classes:
-        rest, steps = num_classes - initial_classes, num_tasks - 1
+def task_sizes(num_classes: int, num_tasks: int, first_task_classes: int = 0) -> list[int]:
+    """Equal split, or a base task of ``first_task_classes`` plus equal increments."""
+    if first_task_classes < 0:
+        raise AvclError(f"bad config: 'scenario.first_task_classes' must be >= 0 (0: equal tasks), "
+                        f"got {first_task_classes}")
+    if first_task_classes:
+        rest, steps = num_classes - first_task_classes, num_tasks - 1
         if rest < 0 or (steps == 0 and rest) or (steps and (rest <= 0 or rest % steps)):
-            raise AvclError(f"cannot split {num_classes} classes into a base task of {initial_classes} "
-                            f"plus {steps} equal tasks (scenario.initial_classes / scenario.num_tasks)")
-        return [initial_classes] + [rest // steps] * steps if steps else [initial_classes]
+            divisors = [k + 1 for k in range(1, rest + 1) if rest % k == 0] if rest > 0 else []
+            hint = (f"; with {first_task_classes} in the first task, num_tasks can be one of {divisors}"
+                    if divisors else f"; first_task_classes must be below {num_classes}")
+            raise AvclError(f"cannot split {num_classes} classes into a first task of {first_task_classes} "
+                            f"plus {steps} equal tasks (scenario.first_task_classes={first_task_classes}, "
+                            f"scenario.num_tasks={num_tasks}){hint}")
+        return [first_task_classes] + [rest // steps] * steps if steps else [first_task_classes]
     if num_classes % num_tasks:
         raise AvclError(f"cannot split {num_classes} classes into {num_tasks} equal tasks "
-                        "(set scenario.num_tasks to a divisor, or scenario.initial_classes)")
+                        "(set scenario.num_tasks to a divisor, or scenario.first_task_classes)")
     return [num_classes // num_tasks] * num_tasks
 
 
@@ -78,7 +102,7 @@ def check_class_splits(dataset: AVDataset) -> None:
                             "the class out)")
 
 
-def class_incremental(dataset: AVDataset, num_tasks: int, initial_classes: int = 0,
+def class_incremental(dataset: AVDataset, num_tasks: int, first_task_classes: int = 0,
                       class_order: list[int] | None = None, shuffle_classes: bool = True,
                       seed: int = 0) -> Scenario:
     n = dataset.num_classes
@@ -98,7 +122,7 @@ def class_incremental(dataset: AVDataset, num_tasks: int, initial_classes: int =
 
     splits = {name: relabel(getattr(dataset, name)) for name in ("train", "val", "test")}
     tasks, offset = [], 0
-    for index, size in enumerate(task_sizes(n, num_tasks, initial_classes)):
+    for index, size in enumerate(task_sizes(n, num_tasks, first_task_classes)):
         classes = list(range(offset, offset + size))
 
         def part(samples: Samples) -> Samples:
@@ -116,3 +140,55 @@ def merged_task(scenario: Scenario) -> Task:
     """Every task's data as one task (the multitask upper bound's single step)."""
     return Task(0, list(range(scenario.num_classes)),
                 *(concat([getattr(t, split) for t in scenario.tasks]) for split in ("train", "val", "test")))
+
+
+def blur(scenario: Scenario, fraction: float, seed: int = 0) -> Scenario:
+    """Move ``fraction`` of each task's training clips to another task's, chosen uniformly among
+    the other tasks (module docstring: ``scenario.blurry``). Val, test and class ownership stay."""
+    if not 0 <= fraction < 1:
+        raise AvclError(f"bad config: 'scenario.blurry' must be in [0, 1) (the fraction of each task's training "
+                        f"clips moved to other tasks), got {fraction}")
+    tasks = scenario.tasks
+    if fraction == 0 or len(tasks) < 2:
+        return scenario
+    rng = np.random.default_rng([seed, 0xB1])
+    kept, arrivals = [], [[] for _ in tasks]
+    moved = [[0] * len(tasks) for _ in tasks]  # moved[src][dst]
+    for t, task in enumerate(tasks):
+        n = len(task.train["label"])
+        leaving = np.zeros(n, dtype=bool)
+        leaving[rng.choice(n, size=int(round(fraction * n)), replace=False)] = True
+        dest = rng.integers(0, len(tasks) - 1, size=n)
+        dest += dest >= t  # uniform over the other tasks
+        kept.append(select(task.train, torch.from_numpy(~leaving)))
+        for d in range(len(tasks)):
+            go = leaving & (dest == d)
+            if go.any():
+                arrivals[d].append(select(task.train, torch.from_numpy(go)))
+                moved[t][d] = int(go.sum())
+    new_tasks = [replace(task, train=concat([kept[t]] + arrivals[t])) for t, task in enumerate(tasks)]
+    info = {**scenario.info, "blurry": {"fraction": fraction, "moved_train_clips": moved,
+                                        "foreign_train_clips": [sum(moved[s][t] for s in range(len(tasks)))
+                                                                for t in range(len(tasks))]}}
+    return replace(scenario, tasks=new_tasks, info=info)
+
+
+def from_config(dataset: AVDataset, cfg) -> Scenario:
+    """The scenario of a run config (section ``scenario``; module docstring); bad values raise AvclError."""
+    sc = cfg.scenario
+    first = int(getattr(sc, "first_task_classes", 0) or 0)
+    old = int(getattr(sc, "initial_classes", 0) or 0)
+    if first and old and first != old:
+        raise AvclError(f"bad config: 'scenario.initial_classes' ({old}) is the older name of "
+                        f"'scenario.first_task_classes' ({first}); give one of them")
+    scenario = class_incremental(dataset, sc.num_tasks, first or old,
+                                 list(sc.class_order) if sc.class_order is not None else None,
+                                 sc.shuffle_classes, cfg.seed)
+    fraction = float(getattr(sc, "blurry", 0.0) or 0.0)
+    if fraction:
+        from avcl.models import MODELS
+        if not getattr(MODELS.get(cfg.model.name), "label_free", False):
+            raise AvclError(f"scenario.blurry={fraction} needs a label-free model (the pre-training stream, "
+                            f"e.g. recipe pretrain/avdigits); model '{cfg.model.name}' learns each task's "
+                            "classes at its own step (class-incremental)")
+    return blur(scenario, fraction, cfg.seed)

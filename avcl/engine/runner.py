@@ -30,7 +30,7 @@ from avcl.config import method_hparams_for
 from avcl.data import build_dataset
 from avcl.data.features import require_raw
 from avcl.data.samples import concat
-from avcl.data.scenario import class_incremental, merged_task
+from avcl.data.scenario import from_config as scenario_from_config, merged_task
 from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
                                     set_rng_state)
 from avcl.engine.init_stage import check_init, run_init_stage
@@ -149,10 +149,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
 def make_scenario(cfg: DictConfig, data_root: str | None = None):
     """Build the dataset and split it into tasks (raises AvclError on missing or bad data)."""
     dataset = build_dataset(cfg.data, data_root, cfg.seed)
-    sc = cfg.scenario
-    return class_incremental(dataset, sc.num_tasks, sc.initial_classes,
-                             list(sc.class_order) if sc.class_order is not None else None,
-                             sc.shuffle_classes, cfg.seed)
+    return scenario_from_config(dataset, cfg)
 
 
 def check_run(cfg: DictConfig, scenario) -> None:

@@ -5,7 +5,9 @@ keeps what it measured in the run record (checkpointed with the method), turns t
 the metrics of ``<method>/metrics.json``, and says how the report's table shows them.
 
 * ``accuracy``: class-incremental recognition. Accuracy on the test data of every task seen so
-  far, no task id (the accuracy matrix), plus the method's other heads (``extra_heads``).
+  far, no task id (the accuracy matrix), plus the method's other heads (``extra_heads``); from
+  the same predictions, the task-aware accuracy (``taw_accuracy_matrix``: each clip classified
+  among its own task's classes, FACIL's TAw; the task-incremental setting).
 * ``retrieval``: representation learning. Zero-shot audio<->video retrieval on a fixed retrieval
   set (``eval.retrieval_per_class`` test clips of every class, all tasks, learned or not), R@k and
   median rank per task in both directions (the retrieval matrices), then a linear probe of the
@@ -21,7 +23,7 @@ from omegaconf import DictConfig
 
 from avcl.data.samples import concat, select
 from avcl.errors import AvclError
-from avcl.eval.evaluator import accuracy_per_task
+from avcl.eval.evaluator import accuracies_tag_taw, accuracy_per_task
 from avcl.eval.metrics import summarize
 from avcl.eval.probe import embed_all, linear_probe
 from avcl.eval.retrieval import DIRECTIONS, retrieval_scores, summarize_retrieval
@@ -86,35 +88,51 @@ class Protocol(ABC):
 class Accuracy(Protocol):
     name = "accuracy"
     columns = (("average_incremental_accuracy", "avg inc acc", ".4f"), ("last_accuracy", "last acc", ".4f"),
-               ("forgetting", "forgetting", ".4f"), ("bwt", "BWT", ".4f"))
+               ("forgetting", "forgetting", ".4f"), ("bwt", "BWT", ".4f"),
+               ("taw_last_accuracy", "TAw last acc", ".4f"))
 
     def new_record(self) -> dict:
-        return {"matrix": [], "step": [], "val": [], "heads": {}}
+        return {"matrix": [], "step": [], "taw_matrix": [], "taw_step": [], "val": [], "heads": {}}
 
     def _evaluate(self, predict, seen, split="test"):
         return accuracy_per_task(predict, seen, split, self.cfg.eval.batch_size, self.device, self.autocast)
 
+    def _record_both(self, predict, seen, r) -> float:
+        """Append the TAg and TAw rows of one head to its record ``r``; returns the TAg pooled accuracy."""
+        both = accuracies_tag_taw(predict, seen, "test", self.cfg.eval.batch_size, self.device, self.autocast)
+        r["matrix"].append(both["tag"][0])
+        r["step"].append(both["tag"][1])
+        if "taw_matrix" not in r:  # a record checkpointed before TAw existed: its earlier rows are unknown
+            r["taw_matrix"] = r["taw_step"] = None
+        if r["taw_matrix"] is not None:
+            r["taw_matrix"].append(both["taw"][0])
+            r["taw_step"].append(both["taw"][1])
+        return both["tag"][1]
+
     def after_task(self, method, seen_tasks, record):
-        per_task, overall = self._evaluate(method.predict, seen_tasks)
-        record["matrix"].append(per_task)
-        record["step"].append(overall)
+        overall = self._record_both(method.predict, seen_tasks, record)
         record["val"].append(self._evaluate(method.predict, seen_tasks, "val")[1]
                              if len(seen_tasks[0].val["label"]) else None)
         for head, predict in method.extra_heads().items():
-            r = record["heads"].setdefault(head, {"matrix": [], "step": []})
-            head_per_task, head_overall = self._evaluate(predict, seen_tasks)
-            r["matrix"].append(head_per_task)
-            r["step"].append(head_overall)
+            fresh = {"matrix": [], "step": [], "taw_matrix": [], "taw_step": []}
+            self._record_both(predict, seen_tasks, record["heads"].setdefault(head, fresh))
         return f"accuracy {overall:.4f}"
+
+    @staticmethod
+    def _summary(r, forgetting) -> dict:
+        """The metrics of one head: the class-incremental ones, then the task-aware (``taw_``) ones."""
+        out = {"accuracy_matrix": r["matrix"], "step_accuracy": r["step"],
+               **summarize(r["matrix"], r["step"], forgetting)}
+        if r.get("taw_matrix"):
+            taw = summarize(r["taw_matrix"], r["taw_step"], forgetting)
+            out.update({"taw_accuracy_matrix": r["taw_matrix"], "taw_step_accuracy": r["taw_step"],
+                        **{f"taw_{key}": value for key, value in taw.items() if key != "forgetting_variant"}})
+        return out
 
     def metrics(self, record):
         forgetting = self.cfg.eval.forgetting
-        heads = {head: {"accuracy_matrix": r["matrix"], "step_accuracy": r["step"],
-                        **summarize(r["matrix"], r["step"], forgetting)}
-                 for head, r in record["heads"].items()}
-        return {"accuracy_matrix": record["matrix"], "step_accuracy": record["step"],
-                **summarize(record["matrix"], record["step"], forgetting),
-                "val_accuracy": record["val"], "heads": heads}
+        heads = {head: self._summary(r, forgetting) for head, r in record["heads"].items()}
+        return {**self._summary(record, forgetting), "val_accuracy": record["val"], "heads": heads}
 
 
 def retrieval_set(scenario, per_class: int) -> tuple[dict, list[torch.Tensor]]:

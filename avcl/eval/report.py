@@ -90,7 +90,8 @@ def report(run_dir: Path) -> str:
                      ev.get("retrieval_per_class", 5), "/".join(str(k) for k in ev.get("recall_at", [1, 5, 10])))
     elif cfg:
         variant = ev.get("forgetting", "standard")
-        text += f"\nforgetting: {variant} variant; accuracies on the test data of all classes seen, no task id."
+        text += (f"\nforgetting: {variant} variant; accuracies on the test data of all classes seen, no task id; "
+                 "TAw = task-aware (task id given: each clip among its own task's classes, as FACIL).")
     if cfg:
         checks = check_expected(cfg.get("expected") or {}, results)
         if checks:
