@@ -41,7 +41,7 @@ BAD_VALUES = [
     ("memory.size=-5", "memory.size"),
     ("model.embed_dim=0", "model.embed_dim"),
     ("model.feature_dim=-3", "model.feature_dim"),
-    ("scenario.initial_classes=-1", "scenario.initial_classes"),
+    ("scenario.first_task_classes=-1", "scenario.first_task_classes"),
     ("seed=-1", "seed"),
     ("init.batch_size=0", "init.batch_size"),
     ("eval.probe_lr=0", "eval.probe_lr"),
@@ -57,7 +57,7 @@ BAD_VALUES = [
     ("data.audio_noise=-1", "data.audio_noise"),
     # cross-field
     ("eval.probe_warmup_epochs=20", "eval.probe_warmup_epochs"),
-    ("scenario.initial_classes=6", "scenario.initial_classes"),
+    ("scenario.first_task_classes=6", "scenario.first_task_classes"),
     ("scenario.num_tasks=7", "scenario.num_tasks"),
 ]
 
