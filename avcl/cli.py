@@ -18,6 +18,7 @@ def _run(args) -> int:
 
     from avcl.config import build_config, load_config, save_config
     from avcl.engine.runner import check_run, execute, make_scenario
+    from avcl.engine.progress import stage
     from avcl.eval.report import report
 
     if args.resume:
@@ -38,7 +39,13 @@ def _run(args) -> int:
         if (run_dir / "config.yaml").exists():
             raise AvclError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
     scenario = make_scenario(cfg, args.data_root)  # data problems surface before anything is written
+    stage("checking the run: model and data shapes, evaluation, init stage")
     check_run(cfg, scenario)
+    if args.dry_run:
+        clips = sum(len(t.train["label"]) + len(t.val["label"]) + len(t.test["label"]) for t in scenario.tasks)
+        print(f"avcl: dry run: '{cfg.name}' is valid: methods {list(cfg.methods)}, {len(scenario.tasks)} tasks, "
+              f"{scenario.num_classes} classes, {clips} clips; nothing written (the run would go to {run_dir})")
+        return 0
     if not args.resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -82,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory (default: runs/<recipe>-<time>)")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate the config, overrides and data (present, shapes), then exit; writes nothing")
     run.set_defaults(func=_run)
     lst = sub.add_parser("list", help="recipes, methods and datasets available")
     lst.set_defaults(func=_list)

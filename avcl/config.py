@@ -145,6 +145,13 @@ class EvalConfig:
     probe_batch_size: int = 64
 
 
+@dataclass
+class LogConfig:
+    """What a run reports besides metrics.json: <method>/epochs.csv and tasks.csv always."""
+    progress_seconds: float = 30.0  # without a terminal: a progress line at least this often, in seconds
+    tensorboard: bool = False  # also TensorBoard event files in RUN/tensorboard/<method> (extra: avcl[tensorboard])
+
+
 def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
     """The run-config dataclass for one dataset and the registered methods."""
     method_args = dataclasses.make_dataclass(
@@ -162,6 +169,7 @@ def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
         ("memory", MemoryConfig, field(default_factory=MemoryConfig)),
         ("init", InitConfig, field(default_factory=InitConfig)),
         ("eval", EvalConfig, field(default_factory=EvalConfig)),
+        ("log", LogConfig, field(default_factory=LogConfig)),
         ("method_args", method_args, field(default_factory=method_args)),
         # named variants of a method, usable in `methods` like a method: e.g. for an ablation
         # `had-no-ham: {method: had, ham: false}` (the other keys override method_args.<method>)
@@ -298,6 +306,8 @@ def validate(cfg: DictConfig) -> None:
             raise AvclError(f"bad config: '{key}' must be >= 1")
     if cfg.memory.size < 0:
         raise AvclError("bad config: 'memory.size' must be >= 0")
+    if cfg.log.progress_seconds <= 0:
+        raise AvclError("bad config: 'log.progress_seconds' must be > 0")
 
 
 def method_hparams_for(cfg: DictConfig, name: str):

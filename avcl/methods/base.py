@@ -2,7 +2,8 @@
 
 The engine calls, per task: ``before_task`` -> many ``training_loss`` steps -> ``after_task``,
 then evaluates with ``predict``. A method declares its hyperparameters as a dataclass
-(``Hparams``), which becomes the config section ``method_args.<name>``, and says how it
+(``Hparams``), which becomes the config section ``method_args.<name>`` (each field ends with a
+``# comment``: its one-line description, which ``avcl show`` prints), and says how it
 uses memory with three class attributes:
 
 * ``memory_budget``: "config" (memory.size exemplars), "all" (keep everything: joint),
@@ -113,6 +114,19 @@ class Method(ABC):
     def extra_heads(self) -> dict:
         """Other evaluation heads, name -> predict function (e.g. iCaRL's FC besides NME)."""
         return {}
+
+    # ----- loss terms for the logs ----------------------------------------------------------
+    def log_terms(self, **terms: torch.Tensor) -> None:
+        """Report named terms of this step's loss (e.g. ``ce=..., kd=...``): their means per epoch go
+        to ``<method>/epochs.csv`` (and TensorBoard) as ``loss/<name>``. Kept on the device: no sync, no kernel."""
+        kept = self.__dict__.setdefault("_terms", {})
+        for key, value in terms.items():
+            kept.setdefault(key, []).append(value.detach())
+
+    def pop_terms(self) -> dict[str, float]:
+        """The mean of each term reported since the last call (one host sync per term), then reset."""
+        kept = self.__dict__.pop("_terms", {})
+        return {key: float(torch.stack([v.float().mean() for v in values]).mean()) for key, values in kept.items()}
 
     # ----- state (checkpointed after every task) ------------------------------------------
     def state_dict(self) -> dict:

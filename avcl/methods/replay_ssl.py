@@ -66,3 +66,8 @@ def inputs_of(rows: Samples) -> dict[str, torch.Tensor]:
 def embedding_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over all B x D elements of the squared difference (DER++'s and CLS-ER's penalties), in float32."""
     return F.mse_loss(pred.float(), target.detach().float())
+
+
+def ssl_terms(out: dict) -> dict[str, torch.Tensor]:
+    """The terms of a CAV-MAE ``ssl_loss`` output, for ``Method.log_terms``."""
+    return {key: out[key] for key in ("mae_audio", "mae_video", "contrastive") if key in out}

@@ -192,8 +192,10 @@ class Stella(Method):
             x_all = x
         out = model.ssl_loss(x_all, selected=ids)
         loss = out["loss"] + hp.matching_loss_weight * s["avm_loss"]
+        self.log_terms(**ssl_terms(out), avm=s["avm_loss"])
         if replay is not None:
             der = sum(F.mse_loss(out[f"z_{m}"][rows:].float(), replay[f"z_{m}"]) for m in MODALITIES)
+            self.log_terms(der=der)
             loss = loss + hp.der_alpha * der
         self.memory.add(self.slot_rows(x, out, s, c, {m: ids[m][:rows] for m in MODALITIES}, rows))
         return loss
