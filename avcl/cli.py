@@ -75,6 +75,9 @@ def _list(args) -> int:
 def _report(args) -> int:
     from avcl.eval.report import report
     print(report(Path(args.run_dir)))
+    if args.html is not None:
+        from avcl.eval.html import write_html
+        print(f"\nhtml report: {write_html(Path(args.run_dir), args.html or None)}")
     return 0
 
 
@@ -96,6 +99,8 @@ def parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=_list)
     rep = sub.add_parser("report", help="print the results table of a run directory")
     rep.add_argument("run_dir")
+    rep.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
+                     help="also write one self-contained HTML page (default: RUN_DIR/report.html)")
     rep.set_defaults(func=_report)
     from avcl.commands import register_all
     register_all(sub)

@@ -183,3 +183,129 @@ def test_tensorboard_without_the_package_is_one_clear_message(tmp_path, capsys, 
     assert main(["run", "synthetic", *FAST, "log.tensorboard=true", "--out", str(tmp_path / "run")]) == 2
     assert "pip install 'avcl[tensorboard]'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ----- HTML report and compare, checked in a real headless browser ----------------------------------------
+def chromium_binary():
+    import shutil
+    return next((path for path in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if path), None)
+
+
+needs_chromium = pytest.mark.skipif(chromium_binary() is None, reason="Chromium not installed (Debian: apt-get install "
+                                    "chromium; .ci/run installs it): the HTML report is checked in a headless browser")
+
+
+def load_in_chromium(page, tmp_path):
+    """(DOM after the load event, console messages) of ``page`` in headless Chromium."""
+    import subprocess
+    result = subprocess.run([chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+                             "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    return result.stdout, console
+
+
+def results_rows(dom: str) -> list[str]:
+    """The first cell of every row of the page's results table."""
+    from html.parser import HTMLParser
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.inside, self.cell, self.rows, self.first = False, None, [], False
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table" and ("class", "results") in attrs:
+                self.inside = True
+            elif self.inside and tag == "tr":
+                self.first = True
+            elif self.inside and tag == "td" and self.first:
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag == "table":
+                self.inside = False
+            elif tag == "td" and self.cell is not None:
+                self.rows.append(self.cell)
+                self.cell, self.first = None, False
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+    parser = Rows()
+    parser.feed(dom)
+    return parser.rows
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    from avcl.cli import main
+    root = tmp_path_factory.mktemp("runs")
+    for seed in (0, 1):
+        assert main(["run", "synthetic", *FAST, "methods=[finetune,icarl]", f"seed={seed}", "--quiet",
+                     "--out", str(root / f"seed{seed}")]) == 0
+    return root / "seed0", root / "seed1"
+
+
+@needs_chromium
+def test_the_browser_check_sees_console_errors_and_broken_images(tmp_path):
+    page = tmp_path / "broken.html"
+    from avcl.eval.html import _page
+    page.write_text(_page("broken", '<img alt="bad" src="data:image/png;base64,AAAA"><script>nosuch();</script>'))
+    dom, console = load_in_chromium(page, tmp_path)
+    assert any("nosuch" in line for line in console) and any("image did not load: bad" in line for line in console)
+    assert 'data-images-loaded="0/1"' in dom
+
+
+@needs_chromium
+def test_html_report_loads_in_chromium_with_every_method_row(two_runs, tmp_path, capsys):
+    from avcl.cli import main
+    run = two_runs[0]
+    assert main(["report", str(run), "--html"]) == 0
+    assert f"html report: {run / 'report.html'}" in capsys.readouterr().out
+    page = (run / "report.html").read_text()
+    assert "<link" not in page and "http" not in page.split("<body")[0]  # self-contained
+    dom, console = load_in_chromium(run / "report.html", tmp_path)
+    assert console == []
+    assert results_rows(dom) == ["finetune", "icarl", "icarl [fc]"]
+    assert 'data-images-loaded="3/3"' in dom  # the curves, two heat maps
+    for section in ("Per task", "Tasks", "Config", "Environment", "after task 3", "torch", "train_per_class"):
+        assert section in dom, section
+
+
+@needs_chromium
+def test_html_report_of_a_retrieval_run(tmp_path):
+    from avcl.cli import main
+    run = tmp_path / "pretrain"
+    assert main(["run", "pretrain/synthetic", "methods=[finetune,stella]", "init.epochs=0", "init.avm_epochs=0",
+                 "eval.probe=every_task", "train.num_threads=1", "--quiet", "--out", str(run)]) == 0
+    assert main(["report", str(run), "--html", str(tmp_path / "page.html")]) == 0
+    dom, console = load_in_chromium(tmp_path / "page.html", tmp_path)
+    assert console == [] and results_rows(dom) == ["finetune", "stella"]
+    assert 'data-images-loaded="3/3"' in dom and "audio→video" in dom and "linear probe after task" in dom
+
+
+def test_compare_puts_runs_side_by_side_with_their_config_differences(two_runs, capsys):
+    from avcl.cli import main
+    assert main(["compare", *map(str, two_runs)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| seed")]
+    assert rows == ["seed0: finetune", "seed0: icarl", "seed0: icarl [fc]", "seed1: finetune", "seed1: icarl",
+                    "seed1: icarl [fc]"]
+    for run in two_runs:
+        last = json.loads((run / "icarl" / "metrics.json").read_text())["last_accuracy"]
+        assert f"| {run.name}: icarl " in out and f"{last:.4f}" in out
+    differences = out.split("config differences:")[1].splitlines()
+    assert any(line.split()[:3] == ["seed", "0", "1"] for line in differences), differences
+    assert main(["compare", str(two_runs[0]), "/no/such/run"]) == 2
+    assert "/no/such/run" in capsys.readouterr().err
+
+
+@needs_chromium
+def test_compare_html_loads_in_chromium(two_runs, tmp_path, capsys):
+    from avcl.cli import main
+    assert main(["compare", *map(str, two_runs), "--html", str(tmp_path / "compare.html")]) == 0
+    dom, console = load_in_chromium(tmp_path / "compare.html", tmp_path)
+    assert console == [] and 'data-images-loaded="1/1"' in dom
+    assert results_rows(dom) == [f"seed{s}: {m}" for s in (0, 1) for m in ("finetune", "icarl", "icarl [fc]")]

@@ -137,3 +137,43 @@ class MethodLog:
         self.flush()
         if self.writer is not None:
             self.writer.close()
+
+
+def environment_info(device) -> dict:
+    """What the run ran on: versions, platform, device (RUN/environment.json; one entry per start or resume)."""
+    import os
+    import platform
+    import subprocess
+    import time
+
+    import torch
+
+    import avcl
+    info = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "avcl": avcl.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:  # a source checkout: its commit
+        source = Path(avcl.__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def record_environment(run_dir: Path, device) -> None:
+    import json
+    from avcl.engine.checkpoint import atomic_write_json
+    path = run_dir / "environment.json"
+    sessions = []
+    if path.is_file():
+        try:
+            sessions = json.loads(path.read_text()).get("sessions", [])
+        except (json.JSONDecodeError, AttributeError):
+            sessions = []
+    atomic_write_json(path, {"sessions": sessions + [environment_info(device)]})

@@ -32,7 +32,7 @@ from avcl.data.scenario import class_incremental, merged_task
 from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
                                     set_rng_state)
 from avcl.engine.init_stage import check_init, run_init_stage, wants_init
-from avcl.engine.loggers import MethodLog, check_loggers
+from avcl.engine.loggers import MethodLog, check_loggers, record_environment
 from avcl.engine.peak_memory import PeakMemory
 from avcl.engine.progress import RunProgress, stage
 from avcl.engine.trainer import Trainer, autocast_factory, keep_cpu_heap, make_optimizer, pick_device
@@ -222,6 +222,7 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
         "tasks": [{"classes": t.classes, "train": len(t.train["label"]), "val": len(t.val["label"]),
                    "test": len(t.test["label"])} for t in scenario.tasks],
         "info": scenario.info})
+    record_environment(run_dir, device)
     total, done = planned_epochs(cfg, scenario, run_dir)
     with RunProgress(total, done, show_progress, interval=cfg.log.progress_seconds) as progress:
         if wants_init(cfg):

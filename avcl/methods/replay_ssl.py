@@ -71,3 +71,10 @@ def embedding_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ssl_terms(out: dict) -> dict[str, torch.Tensor]:
     """The terms of a CAV-MAE ``ssl_loss`` output, for ``Method.log_terms``."""
     return {key: out[key] for key in ("mae_audio", "mae_video", "contrastive") if key in out}
+
+
+def logged_ssl_loss(method: Method, x: dict, **kwargs) -> dict:
+    """``method.model.ssl_loss(x)``, its terms reported to the logs (``Method.log_terms``)."""
+    out = method.model.ssl_loss(x, **kwargs)
+    method.log_terms(**ssl_terms(out))
+    return out

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from avcl.errors import AvclError
 from avcl.methods import register
 from avcl.methods.base import Hparams, Method
+from avcl.methods.replay_ssl import ssl_terms
 from avcl.models.patch_selection import (bernoulli_prune, candidate_mask, contiguous_audio_selection,
                                          past_correlation, patch_importance, pooled_queries, top_k_selection,
                                          weighted_sample_without_replacement)
