@@ -103,6 +103,9 @@ def test_show_prints_the_resolved_config_and_each_methods_hyperparameters(capsys
     assert "Fisher penalty" in lines["method_args.ewc.ewc_lambda"] and "(default" not in lines["method_args.ewc.ewc_lambda"]
     assert "overrides train.epochs" in lines["method_args.ewc.epochs"]
     assert "method_args.finetune.epochs" not in lines  # only the methods of the run
+    assert main(["show", "pretrain/synthetic", "methods=[stella-plus]"]) == 0  # a variant: its own key path
+    variant = [line for line in capsys.readouterr().out.splitlines() if ".store = " in line]
+    assert variant == [variant[0]] and "* variants.stella-plus.store = patches" in variant[0] and "(default clip)" in variant[0]
     assert main(["show", "synthetic", "method_args.lwf.alfa=1"]) == 2  # the same validation as run
     assert "alfa" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

@@ -59,6 +59,7 @@ def method_lines(cfg, name: str) -> list[str]:
     from avcl.config import method_hparams_for
     cls, hparams, _ = method_hparams_for(cfg, name)
     title = f"{name}  (variant of {cls.name})" if name != cls.name else name
+    prefix = f"variants.{name}" if name != cls.name else f"method_args.{name}"  # where to override it
     lines = [f"  {title}: {cls.description}"]
     defaults = cls.Hparams()
     descriptions = field_descriptions(cls.Hparams)
@@ -66,7 +67,7 @@ def method_lines(cfg, name: str) -> list[str]:
     for f in dataclasses.fields(hparams):
         value, default = getattr(hparams, f.name), getattr(defaults, f.name)
         changed = value != default
-        rows.append((f"{'*' if changed else ' '} method_args.{cls.name}.{f.name} = {_value(value)}",
+        rows.append((f"{'*' if changed else ' '} {prefix}.{f.name} = {_value(value)}",
                      f"(default {_value(default)})" if changed else "",
                      descriptions.get(f.name, "")))
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(2)]
@@ -85,7 +86,7 @@ def show(recipe: str | None, overrides: list[str]) -> str:
         shown.pop(key, None)
     out = [f"# recipe {recipe or 'avdigits'} ({resolve_recipe(recipe or 'avdigits')}), resolved with the overrides",
            OmegaConf.to_yaml(OmegaConf.create(shown)).rstrip(), "",
-           "# methods: hyperparameters (method_args.<method>.<key>=value; * = differs from the default)"]
+           "# methods: hyperparameters (override as key=value; * = differs from the default)"]
     for name in cfg.methods:
         out += method_lines(cfg, name)
     return "\n".join(out)
