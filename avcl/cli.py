@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
                      help="folder with the datasets (default: $AVCL_DATA_DIR, then ~/.cache/avcl)")
     run.add_argument("--out", default=None, help="run directory (default: runs/<recipe>-<time>)")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true", help="no progress bar, no progress lines")
     run.add_argument("--dry-run", action="store_true",
                      help="validate the config, overrides and data (present, shapes), then exit; writes nothing")
     run.set_defaults(func=_run)
