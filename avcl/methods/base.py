@@ -126,7 +126,8 @@ class Method(ABC):
     def pop_terms(self) -> dict[str, float]:
         """The mean of each term reported since the last call (one host sync per term), then reset."""
         kept = self.__dict__.pop("_terms", {})
-        return {key: float(torch.stack([v.float().mean() for v in values]).mean()) for key, values in kept.items()}
+        return {key: float(torch.stack([v if v.dim() == 0 else v.mean() for v in values]).float().mean())
+                for key, values in kept.items()}
 
     # ----- state (checkpointed after every task) ------------------------------------------
     def state_dict(self) -> dict:
