@@ -312,3 +312,20 @@ def test_compare_html_loads_in_chromium(two_runs, tmp_path, capsys):
     dom, console = load_in_chromium(tmp_path / "compare.html", tmp_path)
     assert console == [] and 'data-images-loaded="1/1"' in dom
     assert results_rows(dom) == [f"seed{s}: {m}" for s in (0, 1) for m in ("finetune", "icarl", "icarl [fc]")]
+
+
+def test_loss_terms_average_over_the_epoch_and_stay_bounded():
+    import torch
+    from avcl.methods.base import Method
+
+    class Probe(Method):
+        def training_loss(self, batch):
+            raise NotImplementedError
+    method = object.__new__(Probe)
+    for step in range(3000):  # more than one fold of 1024
+        method.log_terms(ce=torch.tensor(float(step)), per_row=torch.tensor([1.0, 3.0]))
+        if step % 2:
+            method.log_terms(kd=torch.tensor(1.0))
+    assert len(method._terms["ce"][2]) < 1024  # folded, not one tensor per step
+    assert method.pop_terms() == pytest.approx({"ce": 1499.5, "per_row": 2.0, "kd": 1.0})
+    assert method.pop_terms() == {}
