@@ -8,6 +8,9 @@ Run directory::
     <method>/metrics.json    written after every task; "complete": true when the method is done
     <method>/checkpoint.pt   after every task: model, method state (memory...), optimizer, RNG, metrics
     <method>/accuracy_matrix.png, accuracy.png   plots (retrieval_matrix.png, retrieval.png)
+    <method>/epochs.csv, tasks.csv   per-epoch losses (each loss term), val accuracy, times; per-task metrics
+    tensorboard/<method>/    the same as TensorBoard scalars, with log.tensorboard=true (avcl.engine.loggers)
+    environment.json         versions, platform and device, one entry per start or resume
 
 What is measured after each task is the protocol's (``eval.protocol``, avcl.eval.protocols).
 
