@@ -17,6 +17,7 @@ from avcl.errors import AvclError
 def _run(args) -> int:
     from avcl.config import load_config, load_saved_config, save_config
     from avcl.engine.runner import check_run, execute, make_scenario
+    from avcl.engine.progress import stage
     from avcl.eval.report import report
 
     if args.resume:
@@ -38,7 +39,13 @@ def _run(args) -> int:
         if (run_dir / "config.yaml").exists():
             raise AvclError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
     scenario = make_scenario(cfg, args.data_root)  # data problems surface before anything is written
+    stage("checking the run: model and data shapes, evaluation, init stage")
     check_run(cfg, scenario)
+    if args.dry_run:
+        clips = sum(len(t.train["label"]) + len(t.val["label"]) + len(t.test["label"]) for t in scenario.tasks)
+        print(f"avcl: dry run: '{cfg.name}' is valid: methods {list(cfg.methods)}, {len(scenario.tasks)} tasks, "
+              f"{scenario.num_classes} classes, {clips} clips; nothing written (the run would go to {run_dir})")
+        return 0
     if not args.resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -72,6 +79,9 @@ def _list(args) -> int:
 def _report(args) -> int:
     from avcl.eval.report import report
     print(report(Path(args.run_dir)))
+    if args.html is not None:
+        from avcl.eval.html import write_html
+        print(f"\nhtml report: {write_html(Path(args.run_dir), args.html or None)}")
     return 0
 
 
@@ -85,12 +95,16 @@ def parser() -> argparse.ArgumentParser:
                      help="folder with the datasets (default: $AVCL_DATA_DIR, then ~/.cache/avcl)")
     run.add_argument("--out", default=None, help="run directory (default: runs/<recipe>-<time>)")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true", help="no progress bar, no progress lines")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate the config, overrides and data (present, shapes), then exit; writes nothing")
     run.set_defaults(func=_run)
     lst = sub.add_parser("list", help="recipes, methods and datasets available")
     lst.set_defaults(func=_list)
     rep = sub.add_parser("report", help="print the results table of a run directory")
     rep.add_argument("run_dir")
+    rep.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
+                     help="also write one self-contained HTML page (default: RUN_DIR/report.html)")
     rep.set_defaults(func=_report)
     from avcl.commands import register_all
     register_all(sub)

@@ -156,6 +156,13 @@ class EvalConfig:
     probe_batch_size: int = 64
 
 
+@dataclass
+class LogConfig:
+    """What a run reports besides metrics.json: <method>/epochs.csv and tasks.csv always."""
+    progress_seconds: float = 30.0  # without a terminal: a progress line at least this often, in seconds
+    tensorboard: bool = False  # also TensorBoard event files in RUN/tensorboard/<method> (extra: avcl[tensorboard])
+
+
 def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
     """The run-config dataclass for one dataset and the registered methods."""
     method_args = dataclasses.make_dataclass(
@@ -173,6 +180,7 @@ def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
         ("memory", MemoryConfig, field(default_factory=MemoryConfig)),
         ("init", InitConfig, field(default_factory=InitConfig)),
         ("eval", EvalConfig, field(default_factory=EvalConfig)),
+        ("log", LogConfig, field(default_factory=LogConfig)),
         ("method_args", method_args, field(default_factory=method_args)),
         # named variants of a method, usable in `methods` like a method: e.g. for an ablation
         # `had-no-ham: {method: had, ham: false}` (the other keys override method_args.<method>)
@@ -361,7 +369,7 @@ RANGES = {
     "model.cav.*_mean": "any",
     "train.epochs": ">=1", "train.batch_size": ">=1", "train.lr": ">0", "train.momentum": "[0,1)",
     "train.num_threads": ">=1", "train.adam_betas": "[0,1)",
-    "init.batch_size": ">=1",
+    "init.batch_size": ">=1", "log.progress_seconds": ">0",
     "eval.batch_size": ">=1", "eval.retrieval_per_class": ">=1", "eval.recall_at": ">=1", "eval.probe_lr": ">0",
     "eval.probe_batch_size": ">=1",
     # methods (method_args.<method>.<key>, and variants.<variant>.<key>)

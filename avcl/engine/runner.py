@@ -9,6 +9,9 @@ Run directory::
     <method>/checkpoint.pt   after every task: model, method state (memory...), optimizer, RNG, metrics;
                              deleted once the method is complete unless train.keep_checkpoints=true
     <method>/accuracy_matrix.png, accuracy.png   plots (retrieval_matrix.png, retrieval.png)
+    <method>/epochs.csv, tasks.csv   per-epoch losses (each loss term), val accuracy, times; per-task metrics
+    tensorboard/<method>/    the same as TensorBoard scalars, with log.tensorboard=true (avcl.engine.loggers)
+    environment.json         versions, platform and device, one entry per start or resume
 
 What is measured after each task is the protocol's (``eval.protocol``, avcl.eval.protocols).
 
@@ -24,7 +27,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from avcl.config import method_hparams_for
 from avcl.data import build_dataset
@@ -33,8 +35,10 @@ from avcl.data.samples import concat
 from avcl.data.scenario import from_config as scenario_from_config, merged_task
 from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
                                     set_rng_state)
-from avcl.engine.init_stage import check_init, run_init_stage
+from avcl.engine.init_stage import check_init, run_init_stage, wants_init
+from avcl.engine.loggers import MethodLog, check_loggers, record_environment
 from avcl.engine.peak_memory import PeakMemory
+from avcl.engine.progress import RunProgress, stage
 from avcl.engine.trainer import Trainer, autocast_factory, keep_cpu_heap, make_optimizer, pick_device
 from avcl.eval.protocols import make_protocol, method_metrics
 from avcl.errors import AvclError
@@ -62,10 +66,12 @@ def build_method(name: str, cfg: DictConfig, example) -> object:
 
 
 def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLog,
-               device: torch.device, show_progress: bool = True, init_state: dict | None = None) -> dict:
+               device: torch.device, show_progress: bool = True, init_state: dict | None = None,
+               progress: RunProgress | None = None) -> dict:
     """Train and evaluate one method over all tasks, resuming from its checkpoint if present.
 
     ``init_state``: model weights every method starts from (the init stage's), if any.
+    ``progress``: the run's progress (advanced one step per epoch); None: this method's own.
     """
     out = run_dir / name
     out.mkdir(parents=True, exist_ok=True)
@@ -98,26 +104,36 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         set_rng_state(state["rng"])
         log("method_resume", method=name, task=start_task)
     epochs = method.hp.epochs or cfg.train.epochs
-    interactive = show_progress and sys.stderr.isatty()
-    bar = tqdm(total=len(tasks) * epochs, initial=start_task * epochs, desc=f"{name:>8}",
-               disable=not interactive, leave=True, dynamic_ncols=True)
+    own_progress = progress is None
+    if own_progress:
+        progress = RunProgress(len(tasks) * epochs, start_task * epochs, show_progress,
+                               interval=cfg.log.progress_seconds)
+    interactive = show_progress and progress.interactive
+    logs = MethodLog(run_dir, name, start_task, epochs, cfg.log.tensorboard)
     log("method_start", method=name, start_task=start_task)
     for t in range(start_task, len(tasks)):
         task = tasks[t]
         log("task_start", method=name, task=t, classes=task.classes)
-        started = time.perf_counter()
+        started = last_epoch = time.perf_counter()
+        progress.at(name, t, len(tasks), 0, epochs)
 
         def on_epoch(epoch: int, loss: float) -> None:
-            bar.update(1)
-            bar.set_postfix(task=t, loss=f"{loss:.3f}")
+            nonlocal last_epoch
+            now = time.perf_counter()
+            logs.epoch(t, epoch, loss, method.pop_terms(), now - last_epoch, now - started)
+            last_epoch = now
+            progress.advance(1)
+            progress.at(name, t, len(tasks), epoch + 1, epochs, loss=f"{loss:.3f}")
             log("epoch_end", method=name, task=t, epoch=epoch, loss=loss)
 
         def on_val(epoch: int, accuracy: float) -> None:
             log("epoch_val", method=name, task=t, epoch=epoch, val_accuracy=accuracy)
+            logs.val(t, epoch, accuracy)
 
         seen = scenario.tasks if method.single_task else scenario.tasks[:t + 1]
         seen_val = (concat([s.val for s in seen])  # model selection: all seen classes
                     if cfg.train.model_selection == "best_val" else None)
+        method.pop_terms()  # only the terms of this task's epochs
         with PeakMemory(device) as peak:
             optimizer = trainer.fit_task(method, task, on_epoch, val=seen_val, on_val=on_val,
                                          optimizer=optimizer if stream_optimizer else None)
@@ -137,18 +153,24 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         atomic_write_json(metrics_path, metrics)
         if complete and not cfg.train.keep_checkpoints:  # only resuming needs it, and the method is done
             ckpt_path.unlink(missing_ok=True)
+        logs.task(t, seconds, metrics)
         log("task_end", method=name, task=t, summary=summary, seconds=round(seconds, 3))
-        bar.set_postfix(task=t, eval=summary)
         if show_progress and not interactive:  # logs and CI: one line per task instead of a bar
             print(f"{name}: task {t + 1}/{len(tasks)} {summary} ({seconds:.1f} s)", file=sys.stderr, flush=True)
-    bar.close()
+    logs.close()
+    if own_progress:
+        progress.close()
     log("method_end", method=name)
     return json.loads(metrics_path.read_text())
 
 
 def make_scenario(cfg: DictConfig, data_root: str | None = None):
     """Build the dataset and split it into tasks (raises AvclError on missing or bad data)."""
+    stage(f"loading data: dataset '{cfg.data.name}'")
+    started = time.perf_counter()
     dataset = build_dataset(cfg.data, data_root, cfg.seed)
+    stage(f"building the scenario: {cfg.scenario.num_tasks} tasks "
+          f"(data loaded in {time.perf_counter() - started:.1f} s)")
     return scenario_from_config(dataset, cfg)
 
 
@@ -167,6 +189,7 @@ def check_run(cfg: DictConfig, scenario) -> None:
     if memory_methods and not getattr(model, "label_free", False) and cfg.memory.size < classes:
         raise AvclError(f"memory.size={cfg.memory.size} holds less than one exemplar per class for {classes} classes "
                         f"(methods {', '.join(memory_methods)}): set memory.size >= {classes}")
+    check_loggers(cfg)
     if getattr(model, "label_free", False):
         train_rows = sum(len(t.train["label"]) for t in scenario.tasks)
         if cfg.memory.size > train_rows:
@@ -200,6 +223,20 @@ FEATURE_HINT = ("Feature stores from `avcl extract` train with recipe `features`
                 "the pretrain/ recipes")
 
 
+def planned_epochs(cfg: DictConfig, scenario, run_dir: Path) -> tuple[int, int]:
+    """(epochs the whole run trains over all methods x tasks, epochs already done by a killed run)."""
+    total = done = 0
+    for name in cfg.methods:
+        cls, hparams, _ = method_hparams_for(cfg, name)
+        tasks = 1 if cls.single_task else len(scenario.tasks)
+        epochs = hparams.epochs or cfg.train.epochs
+        total += tasks * epochs
+        metrics_path = run_dir / name / "metrics.json"
+        if metrics_path.is_file():
+            done += min(json.loads(metrics_path.read_text()).get("tasks_done", 0), tasks) * epochs
+    return total, done
+
+
 def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_progress: bool = True,
             scenario=None) -> dict:
     """Run every method of ``cfg`` into ``run_dir``; returns method -> metrics."""
@@ -221,10 +258,17 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
         "tasks": [{"classes": t.classes, "train": len(t.train["label"]), "val": len(t.val["label"]),
                    "test": len(t.test["label"])} for t in scenario.tasks],
         "info": scenario.info})
-    init_state = run_init_stage(cfg, scenario, run_dir, log, device, show_progress)
-    results = {}
-    for name in cfg.methods:
-        results[name] = run_method(name, cfg, scenario, run_dir, log, device, show_progress, init_state)
-        plot_run(run_dir, results, cfg.eval.protocol)
+    record_environment(run_dir, device)
+    total, done = planned_epochs(cfg, scenario, run_dir)
+    with RunProgress(total, done, show_progress, interval=cfg.log.progress_seconds) as progress:
+        if wants_init(cfg):
+            progress.note("init stage")
+        init_state = run_init_stage(cfg, scenario, run_dir, log, device, show_progress)
+        stage(f"training {len(cfg.methods)} method(s) x {len(scenario.tasks)} task(s) on {device}")
+        results = {}
+        for name in cfg.methods:
+            results[name] = run_method(name, cfg, scenario, run_dir, log, device, show_progress, init_state,
+                                       progress)
+            plot_run(run_dir, results, cfg.eval.protocol)
     log("run_end")
     return results

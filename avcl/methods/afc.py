@@ -75,13 +75,13 @@ SITES = {("audio", "video"): ("visual_pooled", "audio_features", "visual_feature
 @dataclass
 class AFCHparams(Hparams):
     classifier: str = "lsc"  # lsc | nme (the other one is reported in heads)
-    proxies_per_class: int = 10
+    proxies_per_class: int = 10  # cosine proxies per class of the LSC head (k-means centres at init)
     margin: float = 0.6  # NCA margin (official: on every similarity, where it cancels)
     margin_target_only: bool = False  # PODNet / original AFC: the margin on the target similarity only
     scale: float = 1.0  # NCA scale, its initial value at every task
-    learn_scale: bool = True
+    learn_scale: bool = True  # the NCA scale is a trained parameter (false: fixed at scale)
     lam_disc: float = 0.5  # distillation weight; x √(k+1) at task k
-    kmeans_iters: int = 100
+    kmeans_iters: int = 100  # at most this many Lloyd steps of the proxies' k-means
 
 
 def nca_loss(similarities: torch.Tensor, labels: torch.Tensor, scale, margin: float,
@@ -164,7 +164,9 @@ class AFC(NearestMeanHead, Method):
         if self.old_model is None:
             return loss
         step = len(self.task_ranges) - 1
-        return loss + self.hp.lam_disc * math.sqrt(step + 1) * self.feature_distillation(batch, out)
+        distillation = self.feature_distillation(batch, out)
+        self.log_terms(nca=loss, distillation=distillation)
+        return loss + self.hp.lam_disc * math.sqrt(step + 1) * distillation
 
     def teacher_sites(self, batch) -> tuple[list[torch.Tensor], list]:
         """The teacher's features at each site (detached) and their importance weights."""

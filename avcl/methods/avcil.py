@@ -44,7 +44,7 @@ CLASS_NORMS = ("official", "paper")
 @dataclass
 class AVCILHparams(Hparams):
     temperature: float = 2.0  # task-wise KD temperature
-    kd_weight: float = 1.0
+    kd_weight: float = 1.0  # weight of the task-wise KD on the logits
     use_davsc: bool = True  # dual audio-visual similarity constraint
     tau: float = 0.05  # D-AVSC temperature (both terms)
     lambda_i: float = 0.5  # instance-aware weight (official: 0.5 AVE, 0.1 KS / VS100)
@@ -175,4 +175,6 @@ class AVCIL(Method):
         return terms
 
     def training_loss(self, batch):
-        return sum(self.loss_terms(batch).values())
+        terms = self.loss_terms(batch)
+        self.log_terms(**terms)
+        return sum(terms.values())

@@ -2,7 +2,8 @@
 
 The engine calls, per task: ``before_task`` -> many ``training_loss`` steps -> ``after_task``,
 then evaluates with ``predict``. A method declares its hyperparameters as a dataclass
-(``Hparams``), which becomes the config section ``method_args.<name>``, and says how it
+(``Hparams``), which becomes the config section ``method_args.<name>`` (each field ends with a
+``# comment``: its one-line description, which ``avcl show`` prints), and says how it
 uses memory with three class attributes:
 
 * ``memory_budget``: "config" (memory.size exemplars), "all" (keep everything: joint),
@@ -113,6 +114,31 @@ class Method(ABC):
     def extra_heads(self) -> dict:
         """Other evaluation heads, name -> predict function (e.g. iCaRL's FC besides NME)."""
         return {}
+
+    # ----- loss terms for the logs ----------------------------------------------------------
+    def log_terms(self, **terms: torch.Tensor) -> None:
+        """Report named terms of this step's loss (e.g. ``ce=..., kd=...``): their means per epoch go
+        to ``<method>/epochs.csv`` (and TensorBoard) as ``loss/<name>``. Kept on the device, no host sync;
+        folded into a sum every 1024 steps, so memory stays bounded when nobody reads them."""
+        kept = self.__dict__.setdefault("_terms", {})
+        for key, value in terms.items():
+            value = value.detach()
+            entry = kept.setdefault(key, [None, 0, []])  # [sum of folded steps, their count, pending values]
+            entry[2].append(value if value.dim() == 0 else value.mean())
+            if len(entry[2]) >= 1024:
+                folded = torch.stack(entry[2]).float().sum()
+                entry[0] = folded if entry[0] is None else entry[0] + folded
+                entry[1], entry[2] = entry[1] + len(entry[2]), []
+
+    def pop_terms(self) -> dict[str, float]:
+        """The mean of each term reported since the last call (one host sync per term), then reset."""
+        means = {}
+        for key, (total, count, pending) in self.__dict__.pop("_terms", {}).items():
+            if pending:
+                folded = torch.stack(pending).float().sum()
+                total, count = folded if total is None else total + folded, count + len(pending)
+            means[key] = float(total) / count
+        return means
 
     # ----- state (checkpointed after every task) ------------------------------------------
     def state_dict(self) -> dict:

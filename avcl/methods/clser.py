@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from avcl.methods import register
 from avcl.methods.base import Hparams
-from avcl.methods.replay_ssl import LabelFreeMethod, draw, embedding_mse, inputs_of, joined, prepare_current
+from avcl.methods.replay_ssl import (LabelFreeMethod, draw, embedding_mse, inputs_of, joined, prepare_current,
+                                     ssl_terms)
 from avcl.nn.ema import ema_decay, ema_update
 
 
@@ -36,8 +37,8 @@ class CLSERHparams(Hparams):
     reg_weight: float = 0.1  # lambda: weight of the consistency MSE towards the EMA embeddings
     plastic_model_update_freq: float = 0.8  # probability of a plastic EMA update per step
     plastic_model_alpha: float = 0.999  # plastic EMA decay (after the 1 - 1/(t+1) warm-up)
-    stable_model_update_freq: float = 0.6
-    stable_model_alpha: float = 0.999
+    stable_model_update_freq: float = 0.6  # probability of a stable EMA update per step
+    stable_model_alpha: float = 0.999  # stable EMA decay (after the warm-up)
     temperature: float = 0.05  # of the audio-video matching softmax that selects the target
 
 
@@ -87,10 +88,13 @@ class CLSER(LabelFreeMethod):
         target = self.targets(inputs_of(replay)) if replay is not None else None  # EMA passes first, as the code
         out = self.model.ssl_loss(joined(x, replay))
         loss = out["loss"]
+        self.log_terms(**ssl_terms(out))
         if replay is not None:
             current = len(x["audio"])
-            loss = loss + self.hp.reg_weight * (embedding_mse(out["z_audio"][current:], target["audio"])
-                                                + embedding_mse(out["z_video"][current:], target["video"]))
+            consistency = (embedding_mse(out["z_audio"][current:], target["audio"])
+                           + embedding_mse(out["z_video"][current:], target["video"]))
+            self.log_terms(consistency=consistency)
+            loss = loss + self.hp.reg_weight * consistency
         self.memory.add(x)
         self.update_emas()
         return loss

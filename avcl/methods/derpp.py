@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from avcl.methods import register
 from avcl.methods.base import Hparams
-from avcl.methods.replay_ssl import LabelFreeMethod, draw, embedding_mse, joined, prepare_current
+from avcl.methods.replay_ssl import (LabelFreeMethod, draw, embedding_mse, joined, prepare_current,
+                                     ssl_terms)
 
 
 @dataclass
@@ -36,9 +37,12 @@ class DERpp(LabelFreeMethod):
         out = self.model.ssl_loss(joined(x, replay))
         current = len(x["audio"])
         loss = out["loss"]
+        self.log_terms(**ssl_terms(out))
         if replay is not None:
-            loss = loss + self.hp.alpha * (embedding_mse(out["z_audio"][current:], replay["z_audio"])
-                                           + embedding_mse(out["z_video"][current:], replay["z_video"]))
+            der = (embedding_mse(out["z_audio"][current:], replay["z_audio"])
+                   + embedding_mse(out["z_video"][current:], replay["z_video"]))
+            self.log_terms(der=der)
+            loss = loss + self.hp.alpha * der
         self.memory.add({**x, "z_audio": out["z_audio"][:current].detach(),
                          "z_video": out["z_video"][:current].detach()})
         return loss

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from avcl.methods import register
 from avcl.methods.base import Method
-from avcl.methods.replay_ssl import draw, joined, prepare_current
+from avcl.methods.replay_ssl import draw, joined, logged_ssl_loss, prepare_current
 
 
 @register
@@ -32,6 +32,6 @@ class ER(Method):
             return F.cross_entropy(self.model(batch)["logits"], batch["label"])
         x = prepare_current(self.model, batch)
         _, replay = draw(self.memory, self.cfg.train.replay_batch_size)
-        loss = self.model.ssl_loss(joined(x, replay))["loss"]
+        loss = logged_ssl_loss(self, joined(x, replay))["loss"]
         self.memory.add(x)
         return loss

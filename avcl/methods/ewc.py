@@ -19,9 +19,9 @@ from avcl.methods.base import Hparams, Method
 
 @dataclass
 class EWCHparams(Hparams):
-    ewc_lambda: float = 5000.0
-    gamma: float = 1.0
-    fisher_batch_size: int = 32
+    ewc_lambda: float = 5000.0  # lambda: weight of the Fisher penalty (x 1/2)
+    gamma: float = 1.0  # Fisher decay per task: 1 = sum over tasks, < 1 = online EWC
+    fisher_batch_size: int = 32  # mini-batch size of the Fisher estimate after a task
 
 
 def _overlap(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -45,6 +45,7 @@ class EWC(Method):
         if self.fisher:
             penalty = sum((self.fisher[n] * (_overlap(p, self.anchor[n]) - self.anchor[n]) ** 2).sum()
                           for n, p in self.model.named_parameters() if n in self.fisher)
+            self.log_terms(ce=loss, penalty=penalty)
             loss = loss + 0.5 * self.hp.ewc_lambda * penalty
         return loss
 

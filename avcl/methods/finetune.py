@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from avcl.methods import register
 from avcl.methods.base import Method
-from avcl.methods.replay_ssl import prepare_current
+from avcl.methods.replay_ssl import logged_ssl_loss, prepare_current
 
 
 @register
@@ -19,5 +19,5 @@ class Finetune(Method):
 
     def training_loss(self, batch):
         if self.label_free:
-            return self.model.ssl_loss(prepare_current(self.model, batch))["loss"]
+            return logged_ssl_loss(self, prepare_current(self.model, batch))["loss"]
         return F.cross_entropy(self.model(batch)["logits"], batch["label"])

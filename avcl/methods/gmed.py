@@ -31,7 +31,7 @@ import torch
 
 from avcl.methods import register
 from avcl.methods.base import Hparams
-from avcl.methods.replay_ssl import INPUTS, LabelFreeMethod, draw, joined, prepare_current
+from avcl.methods.replay_ssl import INPUTS, LabelFreeMethod, draw, joined, logged_ssl_loss, prepare_current
 from avcl.nn.optim import virtual_step
 
 
@@ -82,7 +82,7 @@ class GMED(LabelFreeMethod):
             if self.hp.count_edits:
                 written["edits"] = stored["edits"] + 1
             self.memory.write(slots, written)
-        loss = self.model.ssl_loss(joined(x, replay))["loss"]
+        loss = logged_ssl_loss(self, joined(x, replay))["loss"]
         fresh = dict(x)
         if self.hp.count_edits:
             fresh["edits"] = torch.zeros(len(x["audio"]), dtype=torch.long, device=x["audio"].device)

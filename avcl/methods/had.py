@@ -38,16 +38,16 @@ HAM_LEVELS = ("low", "snippet")
 
 @dataclass
 class HADHparams(Hparams):
-    ham: bool = True
-    ham_strength: float = 0.5
-    ham_levels: List[str] = field(default_factory=lambda: ["low", "snippet"])
-    video_kd: float = 1.0
-    distribution_kd: float = 1.0
-    snippet_relation: float = 1.0
-    video_relation: float = 1.0
-    temperature: float = 2.0
-    proxy_temperature: float = 0.1
-    relation_temperature: float = 0.1
+    ham: bool = True  # HAM: per-snippet Gaussian augmentation of replayed exemplars
+    ham_strength: float = 0.5  # HAM noise scale, x the class's per-dimension feature std
+    ham_levels: List[str] = field(default_factory=lambda: ["low", "snippet"])  # where HAM adds noise: low | snippet
+    video_kd: float = 1.0  # weight of the video-level KD on old-class logits
+    distribution_kd: float = 1.0  # weight of the distribution-level KD (class proxies)
+    snippet_relation: float = 1.0  # weight of the snippet-level relation distillation
+    video_relation: float = 1.0  # weight of the video-level relation distillation
+    temperature: float = 2.0  # T of the video-level KD
+    proxy_temperature: float = 0.1  # softmax temperature over the class proxies' cosines
+    relation_temperature: float = 0.1  # softmax temperature of the similarity matrices
 
 
 def relation_kd(new: torch.Tensor, old: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -121,15 +121,21 @@ class HAD(Method):
             return loss
         with torch.no_grad():
             old = self.old_model(batch)
+        terms = {}
         if hp.video_kd:
-            loss = loss + hp.video_kd * distillation_kl(logits[:, :self.old_classes], old["logits"], hp.temperature)
+            terms["video_kd"] = distillation_kl(logits[:, :self.old_classes], old["logits"], hp.temperature)
+            loss = loss + hp.video_kd * terms["video_kd"]
         if hp.distribution_kd and len(self.proxies):
-            loss = loss + hp.distribution_kd * proxy_kd(z, old["features"], self.proxies, hp.proxy_temperature)
+            terms["distribution_kd"] = proxy_kd(z, old["features"], self.proxies, hp.proxy_temperature)
+            loss = loss + hp.distribution_kd * terms["distribution_kd"]
         if hp.snippet_relation:
-            loss = loss + hp.snippet_relation * relation_kd(snippets.flatten(0, 1), old["snippets"].flatten(0, 1),
-                                                            hp.relation_temperature)
+            terms["snippet_relation"] = relation_kd(snippets.flatten(0, 1), old["snippets"].flatten(0, 1),
+                                                    hp.relation_temperature)
+            loss = loss + hp.snippet_relation * terms["snippet_relation"]
         if hp.video_relation:
-            loss = loss + hp.video_relation * relation_kd(z, old["features"], hp.relation_temperature)
+            terms["video_relation"] = relation_kd(z, old["features"], hp.relation_temperature)
+            loss = loss + hp.video_relation * terms["video_relation"]
+        self.log_terms(**terms)
         return loss
 
     @torch.no_grad()

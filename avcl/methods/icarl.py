@@ -78,8 +78,8 @@ class NearestMeanHead:
 
 @dataclass
 class ICaRLHparams(Hparams):
-    kd_weight: float = 1.0
-    classifier: str = "nme"  # nme | fc
+    kd_weight: float = 1.0  # weight of the BCE distillation on old-class logits
+    classifier: str = "nme"  # the reported head: nme (nearest mean of exemplars) | fc (the other is in heads)
 
 
 @register
@@ -95,8 +95,10 @@ class ICaRL(NearestMeanHead, Method):
     def training_loss(self, batch):
         logits = self.model(batch)["logits"]
         loss = F.cross_entropy(logits, batch["label"])
+        self.log_terms(ce=loss)
         if self.old_model is not None:
             target = torch.sigmoid(self.old_outputs(batch)["logits"].float())
-            loss = loss + self.hp.kd_weight * F.binary_cross_entropy_with_logits(
-                logits[:, :self.old_classes].float(), target)
+            kd = F.binary_cross_entropy_with_logits(logits[:, :self.old_classes].float(), target)
+            self.log_terms(kd=kd)
+            loss = loss + self.hp.kd_weight * kd
         return loss

@@ -17,7 +17,7 @@ import torch
 
 from avcl.methods import register
 from avcl.methods.base import Hparams
-from avcl.methods.replay_ssl import LabelFreeMethod, draw, prepare_current
+from avcl.methods.replay_ssl import LabelFreeMethod, draw, logged_ssl_loss, prepare_current
 
 
 @dataclass
@@ -49,6 +49,6 @@ class LUMP(LabelFreeMethod):
     def training_loss(self, batch):
         x = prepare_current(self.model, batch)
         _, replay = draw(self.memory, len(x["audio"]))
-        loss = self.model.ssl_loss(x if replay is None else self.mix(x, replay))["loss"]
+        loss = logged_ssl_loss(self, x if replay is None else self.mix(x, replay))["loss"]
         self.memory.add(x)
         return loss

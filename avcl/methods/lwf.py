@@ -22,10 +22,10 @@ from avcl.methods.base import Hparams, Method, distillation_kl, taskwise_kd
 
 @dataclass
 class LwFHparams(Hparams):
-    alpha: float = 1.0
-    temperature: float = 2.0
-    ce: str = "new"  # new | all
-    kd: str = "taskwise"  # taskwise | global
+    alpha: float = 1.0  # weight of the distillation term
+    temperature: float = 2.0  # T of the distillation softmax
+    ce: str = "new"  # CE over: new (the task's classes, AV-CIL) | all (all seen classes: FACIL, PyCIL)
+    kd: str = "taskwise"  # KD softmax: taskwise (one per old task, AV-CIL) | global (over all old classes)
 
 
 @register
@@ -43,7 +43,9 @@ class LwF(Method):
     def training_loss(self, batch):
         logits, labels = self.model(batch)["logits"], batch["label"]
         if self.old_model is None:
-            return F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels)
+            self.log_terms(ce=loss)
+            return loss
         old_count = self.old_classes
         if self.hp.ce == "new":
             loss = F.cross_entropy(logits[:, old_count:], labels - old_count)
@@ -54,4 +56,5 @@ class LwF(Method):
             kd = taskwise_kd(logits, old, self.task_ranges[:-1], self.hp.temperature)
         else:
             kd = distillation_kl(logits[:, :old_count], old, self.hp.temperature)
+        self.log_terms(ce=loss, kd=kd)
         return loss + self.hp.alpha * kd

@@ -18,7 +18,7 @@ import torch
 
 from avcl.methods import register
 from avcl.methods.base import Hparams
-from avcl.methods.replay_ssl import LabelFreeMethod, draw, joined, prepare_current
+from avcl.methods.replay_ssl import LabelFreeMethod, draw, joined, logged_ssl_loss, prepare_current
 from avcl.nn.optim import virtual_step
 
 
@@ -58,6 +58,6 @@ class MIR(LabelFreeMethod):
                 replay = {key: value[top] for key, value in candidates.items()}
             else:
                 replay = candidates
-        loss = self.model.ssl_loss(joined(x, replay))["loss"]
+        loss = logged_ssl_loss(self, joined(x, replay))["loss"]
         self.memory.add(x)
         return loss

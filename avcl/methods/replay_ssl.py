@@ -66,3 +66,15 @@ def inputs_of(rows: Samples) -> dict[str, torch.Tensor]:
 def embedding_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over all B x D elements of the squared difference (DER++'s and CLS-ER's penalties), in float32."""
     return F.mse_loss(pred.float(), target.detach().float())
+
+
+def ssl_terms(out: dict) -> dict[str, torch.Tensor]:
+    """The terms of a CAV-MAE ``ssl_loss`` output, for ``Method.log_terms``."""
+    return {key: out[key] for key in ("mae_audio", "mae_video", "contrastive") if key in out}
+
+
+def logged_ssl_loss(method: Method, x: dict, **kwargs) -> dict:
+    """``method.model.ssl_loss(x)``, its terms reported to the logs (``Method.log_terms``)."""
+    out = method.model.ssl_loss(x, **kwargs)
+    method.log_terms(**ssl_terms(out))
+    return out

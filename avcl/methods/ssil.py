@@ -19,8 +19,8 @@ from avcl.methods.base import Hparams, Method, taskwise_kd
 
 @dataclass
 class SSILHparams(Hparams):
-    temperature: float = 2.0
-    kd_weight: float = 1.0
+    temperature: float = 2.0  # T of the task-wise KD
+    kd_weight: float = 1.0  # weight of the task-wise KD
 
 
 def separated_softmax_ce(logits: torch.Tensor, labels: torch.Tensor, from_memory: torch.Tensor,
@@ -51,4 +51,6 @@ class SSIL(Method):
             return F.cross_entropy(logits, batch["label"])
         loss = separated_softmax_ce(logits, batch["label"], batch["from_memory"], self.old_classes)
         old = self.old_outputs(batch)["logits"]
-        return loss + self.hp.kd_weight * taskwise_kd(logits, old, self.task_ranges[:-1], self.hp.temperature)
+        kd = taskwise_kd(logits, old, self.task_ranges[:-1], self.hp.temperature)
+        self.log_terms(separated_ce=loss, kd=kd)
+        return loss + self.hp.kd_weight * kd

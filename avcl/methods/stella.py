@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from avcl.errors import AvclError
 from avcl.methods import register
 from avcl.methods.base import Hparams, Method
+from avcl.methods.replay_ssl import ssl_terms
 from avcl.models.patch_selection import (bernoulli_prune, candidate_mask, contiguous_audio_selection,
                                          past_correlation, patch_importance, pooled_queries, top_k_selection,
                                          weighted_sample_without_replacement)
@@ -192,8 +193,10 @@ class Stella(Method):
             x_all = x
         out = model.ssl_loss(x_all, selected=ids)
         loss = out["loss"] + hp.matching_loss_weight * s["avm_loss"]
+        self.log_terms(**ssl_terms(out), avm=s["avm_loss"])
         if replay is not None:
             der = sum(F.mse_loss(out[f"z_{m}"][rows:].float(), replay[f"z_{m}"]) for m in MODALITIES)
+            self.log_terms(der=der)
             loss = loss + hp.der_alpha * der
         self.memory.add(self.slot_rows(x, out, s, c, {m: ids[m][:rows] for m in MODALITIES}, rows))
         return loss
