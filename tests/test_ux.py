@@ -338,3 +338,13 @@ def test_heat_maps_are_labelled_by_the_classes_of_each_task(tmp_path, monkeypatc
     ax = figures["accuracy_matrix.png"].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["seven, two", "nine, zero"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["seven, two", "nine, zero"]
+
+
+def test_stratified_split_leaves_no_class_empty_on_either_side():
+    import numpy as np
+    from avcl.data.features import stratified_pick
+    labels = np.array([0] * 4 + [1] * 12 + [2] * 1 + [3] * 2)
+    picked = stratified_pick(labels, np.ones(len(labels), bool), 0.1, np.random.default_rng(0))
+    assert [int(picked[labels == c].sum()) for c in range(4)] == [1, 1, 0, 1]  # round(0.4) = 0 -> 1; one row: kept
+    picked = stratified_pick(labels, np.ones(len(labels), bool), 0.95, np.random.default_rng(0))
+    assert [int((~picked)[labels == c].sum()) for c in range(4)] == [1, 1, 1, 1]  # never all of a class

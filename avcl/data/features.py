@@ -105,11 +105,16 @@ def check_fields(store, fields: list[str] | None) -> list[str]:
 
 
 def stratified_pick(labels: np.ndarray, candidates: np.ndarray, fraction: float, rng) -> np.ndarray:
-    """Boolean mask choosing ``fraction`` of the candidate rows of each label."""
+    """Boolean mask choosing ``fraction`` of the candidate rows of each label; when ``fraction`` > 0, at
+    least one of them and never all, so that no class with two or more rows is left without rows on
+    either side (an empty class would be a NaN cell in the accuracy matrix)."""
     chosen = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels[candidates]):
         rows = rng.permutation(np.flatnonzero(candidates & (labels == label)))
-        chosen[rows[:int(round(fraction * len(rows)))]] = True
+        count = int(round(fraction * len(rows)))
+        if fraction > 0:
+            count = min(max(count, 1), len(rows) - 1)
+        chosen[rows[:count]] = True
     return chosen
 
 
