@@ -112,7 +112,7 @@ def fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
     if classifier == "svm":
         linear = LinearSVC(C=c, max_iter=5000, random_state=seed)
     elif classifier == "logistic":
-        linear = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+        linear = LogisticRegression(C=c, tol=1e-6, max_iter=5000, random_state=seed)  # tight: row order-free
     else:
         raise ValueError(f"classifier must be 'logistic' or 'svm', got {classifier!r}")
     xtr, xte = train_x.double().numpy(), test_x.double().numpy()
