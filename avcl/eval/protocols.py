@@ -176,9 +176,9 @@ class Retrieval(Protocol):
         """(N, N) cosine similarity of the retrieval set's audio (rows) and video (columns) embeddings."""
         model.eval()
 
-        def pair(batch):
+        def pair(batch):  # a model whose modalities live in separate spaces names its shared one "cross_*" (XKD)
             out = model.embed(batch)
-            return torch.stack([out["audio"], out["video"]], dim=1)
+            return torch.stack([out.get("cross_audio", out["audio"]), out.get("cross_video", out["video"])], dim=1)
         embedded = embed_all(pair, self.retrieval, self.cfg.eval.batch_size, self.device, self.autocast)
         return (embedded[:, 0] @ embedded[:, 1].T).cpu()
 

@@ -42,7 +42,10 @@ Objective terms (``loss_terms``; the method weights them, spec B.7):
 
 ``embed`` (evaluation): the unmasked centred global view through the students (``xkd.eval_encoder=teacher``:
 the teachers), the mean of the patch tokens after the final LN per modality, L2-normalised; "joint" =
-[audio; video] (the spec's audio-visual linear protocol), "features" = "joint".
+[audio; video] (the spec's audio-visual linear protocol), "features" = "joint"; "cross_audio" /
+"cross_video" = the L2-normalised head outputs of the same pooled features: the one space the two
+modalities share (distillation and MMD align it), which the retrieval protocol ranks in (ours: the paper
+evaluates no retrieval).
 
 Deviations from the code (also in docs/xkd.md): square crops only (aspect ratio 1), no colour jitter, grey,
 blur, or the local audio view's time/frequency resize-crop; volume jitter as a gain on the normalised fbank;
@@ -467,7 +470,9 @@ class XKDModel(nn.Module):
         out = {}
         for m in MODALITIES:
             patches, grid = self.patchify(m, views[m][0])
-            out[m] = F.normalize(encoders[m](patches, grid)[0][:, 1:].mean(dim=1), dim=-1)
+            pooled = encoders[m](patches, grid)[0][:, 1:].mean(dim=1)
+            out[m] = F.normalize(pooled, dim=-1)
+            out[f"cross_{m}"] = F.normalize(encoders[m].head(pooled), dim=-1)  # the space KD + MMD align
         out["joint"] = out["features"] = torch.cat([out["audio"], out["video"]], dim=1)
         return out
 
