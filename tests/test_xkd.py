@@ -373,3 +373,21 @@ def test_probe_command_end_to_end_on_a_tiny_store(reference, tmp_path):
                           ([str(tmp_path), "synthetic"], "not a method directory")):
         bad = run_cli("probe", *args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("recipe", ["xkd/avdigits", "xkd/kinetics", "xkd/stream"])
+def test_recipes_build_every_row(recipe):
+    from avcl.config import load_config, method_hparams_for
+    cfg = load_config(recipe)
+    shapes = {"xkd/kinetics": ((32, 112, 112, 3), 448, 80)}.get(recipe, ((8, 32, 32), 98, 40))
+    example = {"video": torch.zeros((2,) + shapes[0], dtype=torch.uint8), "audio": torch.zeros(2, shapes[1], shapes[2]),
+               "label": torch.zeros(2, dtype=torch.long)}
+    if recipe == "xkd/kinetics":  # ViT-B: check the geometry, do not build it
+        _, _, model_cfg = method_hparams_for(cfg, "xkd")
+        assert model_cfg.vit.size == "base" and model_cfg.xkd.head_dim == 8192
+        return
+    for name in cfg.methods:
+        cls, hp, model_cfg = method_hparams_for(cfg, name)
+        model = build_model(model_cfg, example)
+        if model_cfg.name == "xkd":
+            assert model.xkd.share == {"xkd-mas": "students", "xkd-mats": "all"}.get(name, "none")
