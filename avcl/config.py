@@ -78,6 +78,46 @@ class CAVConfig:
 
 
 @dataclass
+class XKDConfig:
+    """XKD (spec Part B; avcl/models/xkd.py): views, tokenizers, heads, teachers. Encoder and decoder sizes
+    come from ``model.vit`` (encoder layers = vit.depth + vit.fusion_depth; base = ViT-B's 12)."""
+    share: str = "none"  # none (XKD) | students (XKD-MAS: one student transformer) | all (XKD-MATS: teachers' too)
+    refine: str = "mean"  # teacher feature refinement from the CLS attention: mean | softmax | none
+    teacher_view: str = "local"  # local: the first local view, unmasked (the code) | global: the global view (paper figure)
+    mats_ema: str = "twice"  # share=all: shared teacher blocks get one EMA update per modality (code, m^2) | once
+    eval_encoder: str = "student"  # the backbone embed() (probes, retrieval) reads: student | teacher
+    tubelet_frames: int = 4  # video tubelets: tubelet_frames x vit.video_patch x vit.video_patch
+    mask_ratio_video: float = 0.85
+    mask_ratio_audio: float = 0.8
+    norm_pix_loss: bool = True
+    qkv_bias: bool = False
+    global_crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # area fraction, resized back
+    local_frames: int = 8  # local video view: consecutive frames (at the global view's frame stride)
+    local_size: int = 96  # local video view side, pixels
+    local_crop_scale: List[float] = field(default_factory=lambda: [0.08, 0.4])
+    local_views_video: int = 1  # XKD 1, MAS/MATS 3
+    local_views_audio: int = 1
+    local_audio_frames: int = 112  # local audio view: fbank frames (a random window)
+    flip: float = 0.5  # horizontal flip probability of every video view
+    volume_jitter: float = 0.1  # audio gain U(1-j, 1+j) per clip on the normalised fbank: global view
+    local_volume_jitter: float = 0.2  # and local views
+    head_hidden: int = 2048  # DINO head: width -> hidden -> hidden -> bottleneck -> L2 -> head_dim
+    head_bottleneck: int = 256
+    head_dim: int = 8192
+    student_temp: float = 0.1
+    teacher_temp_video: float = 0.1  # final teacher temperatures (video teacher -> audio student) ...
+    teacher_temp_audio: float = 0.07
+    warmup_teacher_temp_video: float = 0.1  # ... reached linearly from these over teacher_temp_warmup
+    warmup_teacher_temp_audio: float = 0.07
+    teacher_temp_warmup: float = 0.0  # fraction of the training steps
+    center_momentum: float = 0.9
+    audio_mean: float = -5.369  # fbank normalisation (x - mean) / std (XKD's log-mel statistics)
+    audio_std: float = 4.410
+    video_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per channel, on [0, 1]
+    video_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
 class ModelConfig:
     name: str = "avnet"  # a key of avcl.models.MODELS
     modalities: List[str] = field(default_factory=lambda: ["audio", "video"])
@@ -95,6 +135,7 @@ class ModelConfig:
     # transformer models ("cav": avcl/models/cav.py): architecture, and the CAV-MAE objective
     vit: ViTConfig = field(default_factory=lambda: ViTConfig())
     cav: CAVConfig = field(default_factory=lambda: CAVConfig())
+    xkd: XKDConfig = field(default_factory=lambda: XKDConfig())  # model "xkd" only
 
 
 @dataclass
@@ -137,12 +178,14 @@ class InitConfig:
     avm_epochs: int = 0  # then the AVM module alone (matching loss, backbone frozen), as STELLA's
     batch_size: Optional[int] = None  # None: train.batch_size
     checkpoint: Optional[str] = None  # start from this model file instead (e.g. an earlier RUN/init/model.pt)
+    row: bool = False  # without a stage: still evaluate the untrained model as the report's init row
 
 
 @dataclass
 class EvalConfig:
     # what is measured after every task: accuracy (class-incremental accuracy matrix) |
-    # retrieval (audio<->video retrieval matrix, then a linear probe; avcl.eval.protocols)
+    # retrieval (audio<->video retrieval matrix, then a linear probe; avcl.eval.protocols) |
+    # probe (linear probes of the frozen video, audio and audio+video features after the last task)
     protocol: str = "accuracy"
     forgetting: str = "standard"  # standard | avcil (see avcl.eval.metrics)
     batch_size: int = 256
@@ -154,6 +197,9 @@ class EvalConfig:
     probe_lr: float = 5e-4
     probe_weight_decay: float = 5e-6
     probe_batch_size: int = 64
+    # eval.protocol=probe and `avcl probe`: per-modality linear probes of the frozen features (scikit-learn)
+    linear_classifier: str = "logistic"  # logistic | svm (LinearSVC)
+    linear_c: float = 1.0  # inverse regularisation strength of the linear classifier
 
 
 @dataclass
@@ -329,7 +375,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.fusion", cfg.model.fusion, ("concat", "sum"))
     _choice("train.optimizer", cfg.train.optimizer, ("adam", "sgd"))
     _choice("eval.forgetting", cfg.eval.forgetting, ("standard", "avcil"))
-    _choice("eval.protocol", cfg.eval.protocol, ("accuracy", "retrieval"))
+    _choice("eval.protocol", cfg.eval.protocol, ("accuracy", "retrieval", "probe"))
+    _choice("eval.linear_classifier", cfg.eval.linear_classifier, ("logistic", "svm"))
     _choice("eval.probe", cfg.eval.probe, ("end", "every_task", "none"))
     _choice("train.optimizer_scope", cfg.train.optimizer_scope, ("task", "stream"))
     _choice("model.vit.size", cfg.model.vit.size, ("tiny", "small", "base"))

@@ -84,6 +84,8 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
     """The init model's weights (training or loading them), or None when the recipe has no init stage."""
     ic = cfg.init
     if not wants_init(cfg):
+        if ic.row:
+            evaluate_untrained(cfg, scenario, run_dir, device, show_progress)
         return None
     out = run_dir / INIT
     model_path, metrics_path = out / "model.pt", out / "metrics.json"
@@ -132,3 +134,23 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
         if show_progress:
             print(f"{INIT}: {summary} ({seconds:.1f} s)", file=sys.stderr, flush=True)
     return state
+
+
+def evaluate_untrained(cfg: DictConfig, scenario, run_dir: Path, device: torch.device,
+                       show_progress: bool = True) -> None:
+    """``init.row`` without an init stage: the report's ``init`` row is the untrained model (built as every
+    method builds its own: seeded with ``seed``), evaluated once by the run's protocol (``init/metrics.json``)."""
+    metrics_path = run_dir / INIT / "metrics.json"
+    if metrics_path.is_file():
+        return
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, scenario.tasks[0].train).to(device).eval()
+    protocol = make_protocol(cfg, scenario, device, autocast_factory(device, cfg.train.bf16))
+    record = {"train_seconds": 0.0, "task_seconds": [0.0], "peak_memory_mib": 0.0, **protocol.new_record()}
+    holder = METHODS["finetune"](model, METHODS["finetune"].Hparams(), cfg)  # the protocol reads its .model
+    summary = protocol.after_task(holder, scenario.tasks, record)
+    protocol.finish(holder, record)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(metrics_path, method_metrics(INIT, record, protocol, scenario, 1, True))
+    if show_progress:
+        print(f"{INIT} (untrained): {summary}", file=sys.stderr, flush=True)

@@ -12,6 +12,9 @@ the metrics of ``<method>/metrics.json``, and says how the report's table shows 
   set (``eval.retrieval_per_class`` test clips of every class, all tasks, learned or not), R@k and
   median rank per task in both directions (the retrieval matrices), then a linear probe of the
   frozen encoder on the labelled train/test data of every task (``eval.probe``).
+* ``probe``: XKD's linear protocol (spec B.9): linear classifiers (scikit-learn, ``eval.linear_*``) on the
+  frozen video features, audio features and both, trained on the train data of every task and tested on
+  their test data, after the last task (``eval.probe=every_task``: after every task too).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from avcl.data.samples import concat, select
 from avcl.errors import AvclError
 from avcl.eval.evaluator import accuracies_tag_taw, accuracy_per_task
 from avcl.eval.metrics import summarize
-from avcl.eval.probe import embed_all, linear_probe
+from avcl.eval.probe import embed_all, linear_probe, linear_probes
 from avcl.eval.retrieval import DIRECTIONS, retrieval_scores, summarize_retrieval
 
 PROTOCOLS: dict[str, type] = {}
@@ -191,9 +194,9 @@ class Retrieval(Protocol):
         """(N, N) cosine similarity of the retrieval set's audio (rows) and video (columns) embeddings."""
         model.eval()
 
-        def pair(batch):
+        def pair(batch):  # a model whose modalities live in separate spaces names its shared one "cross_*" (XKD)
             out = model.embed(batch)
-            return torch.stack([out["audio"], out["video"]], dim=1)
+            return torch.stack([out.get("cross_audio", out["audio"]), out.get("cross_video", out["video"])], dim=1)
         embedded = embed_all(pair, self.retrieval, self.cfg.eval.batch_size, self.device, self.autocast)
         return (embedded[:, 0] @ embedded[:, 1].T).cpu()
 
@@ -232,3 +235,38 @@ class Retrieval(Protocol):
                 **summarize_retrieval(record["retrieval"], self.recall_at),
                 "probe_accuracy": record.get("probe_accuracy"),
                 "probe_per_task": record["probe_per_task"] or None}
+
+
+@register_protocol
+class Probe(Protocol):
+    name = "probe"
+    columns = (("probe_video_accuracy", "video probe", "%"), ("probe_audio_accuracy", "audio probe", "%"),
+               ("probe_av_accuracy", "A+V probe", "%"), ("peak_memory_mib", "peak mem", ".0f MiB"))
+
+    def new_record(self) -> dict:
+        return {"probes": None, "probe_per_task": []}
+
+    def probes(self, model) -> dict:
+        tasks, ev = self.scenario.tasks, self.cfg.eval
+        train, test = (concat([getattr(t, split) for t in tasks]) for split in ("train", "test"))
+        return linear_probes(model, train, test, ev.batch_size, self.device, self.autocast,
+                             ev.linear_classifier, ev.linear_c, self.cfg.seed)
+
+    @staticmethod
+    def _summary(probes: dict) -> str:
+        return ", ".join(f"{key.removeprefix('probe_')} {100 * value:.1f}%" for key, value in probes.items())
+
+    def after_task(self, method, seen_tasks, record):
+        if self.cfg.eval.probe != "every_task":
+            return "trained"
+        record["probe_per_task"].append(self.probes(method.model))
+        return self._summary(record["probe_per_task"][-1])
+
+    def finish(self, method, record):
+        if self.cfg.eval.probe == "every_task":
+            record["probes"] = record["probe_per_task"][-1]
+        elif self.cfg.eval.probe == "end":
+            record["probes"] = self.probes(method.model)
+
+    def metrics(self, record):
+        return {**(record["probes"] or {}), "probe_per_task": record["probe_per_task"] or None}

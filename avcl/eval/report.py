@@ -88,6 +88,10 @@ def report(run_dir: Path) -> str:
                  "task; avg = mean of R@{}; fgt = forgetting as the authors' scripts compute it, fgt (tb) = the "
                  "textbook form (docs/pretrain.md); probe = linear probe of the final frozen encoder.").format(
                      ev.get("retrieval_per_class", 5), "/".join(str(k) for k in ev.get("recall_at", [1, 5, 10])))
+    elif protocol == "probe":
+        text += ("\nprobe: linear classifiers ({}) on the frozen video, audio and audio+video features of the final "
+                 "encoders, trained on the train clips of all tasks, top-1 on their test clips.").format(
+                     ev.get("linear_classifier", "logistic"))
     elif cfg:
         variant = ev.get("forgetting", "standard")
         text += (f"\nforgetting: {variant} variant; accuracies on the test data of all classes seen, no task id; "

@@ -1,4 +1,5 @@
-"""Self-supervised losses shared by the pre-training methods (CAV-MAE's, spec A.3; XKD's MAE)."""
+"""Self-supervised losses shared by the pre-training methods (CAV-MAE's, spec A.3; XKD's MAE, DINO
+cross-entropy with teacher centring and Gaussian-kernel MMD, spec B.4 and B.6)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -50,3 +51,46 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: st
     if reduction != "mean":
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     return rows.mean()
+
+
+def dino_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                       student_temp: float, teacher_temp: float) -> torch.Tensor:
+    """DINO's cross-entropy with teacher centring (XKD spec B.4), averaged over all view pairs.
+
+    ``student`` (Vs, B, K) logits of Vs student views, ``teacher`` (Vt, B, K) of Vt teacher views
+    (detached here), ``center`` (K,). p_T = softmax((g_T - c) / teacher_temp),
+    log p_S = log_softmax(g_S / student_temp); the loss is the mean over the Vt x Vs pairs (no pair
+    skipped: in XKD the two sides are different modalities) of the batch mean of -sum_k p_T log p_S.
+    Computed in float32.
+    """
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        p_t = ((teacher.detach().float() - center.float()) / teacher_temp).softmax(dim=-1)  # (Vt, B, K)
+        log_p_s = (student.float() / student_temp).log_softmax(dim=-1)  # (Vs, B, K)
+        # sum over pairs of sum_k p_T log p_S = einsum over views, batch and classes
+        total = torch.einsum("tbk,sbk->", p_t, log_p_s)
+        return -total / (p_t.shape[0] * log_p_s.shape[0] * p_t.shape[1])
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float = 0.9) -> None:
+    """DINO's centre update in place: c <- momentum * c + (1 - momentum) * mean of the teacher logits over
+    every row of every view (``teacher`` (..., K)); single process, so no all-reduce."""
+    mean = teacher.detach().float().reshape(-1, teacher.shape[-1]).mean(dim=0)
+    center.mul_(momentum).add_(mean.to(center.dtype), alpha=1 - momentum)
+
+
+MMD_GAMMAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
+
+
+def gaussian_mmd(x: torch.Tensor, y: torch.Tensor, gammas=MMD_GAMMAS) -> torch.Tensor:
+    """Biased (V-statistic) MMD^2 between the rows of ``x`` (N, D) and ``y`` (M, D) with the kernel
+    k(a, b) = sum_gamma exp(-gamma ||a - b||^2) (XKD's DomainBed ``MMD_Loss``, spec B.6):
+    mean k(x, x') + mean k(y, y') - 2 mean k(x, y). Squared distances in float32, clamped at 0."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        z = torch.cat([x, y])
+        sq = z.pow(2).sum(dim=1)
+        dist = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp_min(0)  # (N+M, N+M)
+        kernel = sum(torch.exp(-g * dist) for g in gammas)
+        n = len(x)
+        return kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()

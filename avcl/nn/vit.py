@@ -101,6 +101,14 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, dh)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention of token 0 (CLS) over all tokens, per head: (B, H, N) (rows sum to 1), computed
+        from the same (normalised) input ``forward`` gets (DINO's ``get_last_selfattention``, row 0)."""
+        b, n, d = x.shape
+        q, k, _ = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)).squeeze(2) / (d // self.heads) ** 0.5
+        return logits.softmax(dim=-1)
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -117,10 +125,11 @@ class Block(nn.Module):
     """Pre-norm transformer block. ``modes``: names of extra (norm1, norm2) pairs; ``forward(x, mode)``
     uses that pair instead of the default one (CAV-MAE's modality-specific LNs in the shared layers)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, modes: Sequence[str] = ()):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, modes: Sequence[str] = (),
+                 qkv_bias: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.mode_norms = nn.ModuleDict({
@@ -149,7 +158,7 @@ def init_vit_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(layer.weight, std=std)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
-        elif isinstance(layer, nn.LayerNorm):
+        elif isinstance(layer, nn.LayerNorm) and layer.weight is not None:  # (non-affine LNs have none)
             nn.init.ones_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -199,6 +208,31 @@ def patchify_frames(video: torch.Tensor, patch: int) -> torch.Tensor:
     b, t = video.shape[:2]
     out = patchify_2d(video, (patch, patch))  # (B, T, h*w, P)
     return out.reshape(b, t * out.shape[2], out.shape[3])
+
+
+def patchify_tubelets(video: torch.Tensor, tubelet: tuple[int, int, int]) -> torch.Tensor:
+    """Spatio-temporal tubelets: (B, T, C, H, W) -> (B, (T/pt)*(H/ph)*(W/pw), pt*ph*pw*C), tokens in
+    (time, row, col) order, values in (frame, pixel row, pixel column, channel) order. T, H and W must be
+    multiples of the tubelet sides (XKD's video tokenizer, spec B.2)."""
+    b, t, c, height, width = video.shape
+    pt, ph, pw = tubelet
+    x = video.reshape(b, t // pt, pt, c, height // ph, ph, width // pw, pw)
+    x = x.permute(0, 1, 4, 6, 2, 5, 7, 3)  # (B, t, h, w, pt, ph, pw, C)
+    return x.reshape(b, (t // pt) * (height // ph) * (width // pw), pt * ph * pw * c)
+
+
+def resize_pos_embed(table: torch.Tensor, grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:
+    """A positional table (1, prod(grid), D) for a token grid, interpolated to ``new_grid``: trilinear for
+    3-D grids (video tubelets), bicubic for 2-D grids (audio patches), as XKD (spec B.2). Returned as is
+    when the grids are equal; differentiable."""
+    grid, new_grid = tuple(grid), tuple(new_grid)
+    if grid == new_grid:
+        return table
+    d = table.shape[-1]
+    x = table.reshape(1, *grid, d).movedim(-1, 1)  # (1, D, *grid)
+    mode = {2: "bicubic", 3: "trilinear"}[len(grid)]
+    x = F.interpolate(x.float(), size=new_grid, mode=mode, align_corners=False).to(table.dtype)
+    return x.movedim(1, -1).reshape(1, -1, d)
 
 
 # ----- masking and gathering -------------------------------------------------------------------
