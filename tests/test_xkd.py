@@ -285,7 +285,8 @@ STREAM = dict(methods=["xkd", "xkd-replay"], variants={"xkd-replay": {"method": 
 def reference(tmp_path_factory):
     torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("xkd-ref")
-    cfg = tiny_cfg(**STREAM)
+    # keep_checkpoints: `avcl probe` reads the finished method's weights
+    cfg = tiny_cfg(**{**STREAM, "train": {**STREAM.get("train", {}), "keep_checkpoints": True}})
     from avcl.config import save_config
     save_config(cfg, run_dir / "config.yaml")  # as `avcl run` does
     return run_dir, cfg, execute(cfg, run_dir, show_progress=False)

@@ -65,7 +65,8 @@ def load_probe_target(target: Path, dataset: str, items: list[str], data_root: s
             raise AvclError(f"{weights}: does not match the model built for '{dataset}' (model {model_cfg.name}; "
                             f"another model, size or input shape?): {first}") from None
     elif not (name == "init" and cfg.init.row):
-        raise AvclError(f"{weights} not found: the method has not finished a task yet")
+        raise AvclError(f"{weights} not found: the method has not finished a task yet, or it finished in a run "
+                         "without train.keep_checkpoints=true (a finished method keeps its weights only then)")
     return cfg, model, data
 
 
