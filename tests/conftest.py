@@ -35,3 +35,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+START_UP = ("avcl: loading data", "avcl: building the scenario", "avcl: checking the run")  # progress stage lines
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that are not start-up stage lines (what an error must be alone in)."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(START_UP)]

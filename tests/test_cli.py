@@ -4,14 +4,13 @@ import json
 import pytest
 import yaml
 
-from conftest import TINY, run_cli
+from conftest import TINY, error_lines, run_cli
 
 
 def assert_clean_error(result, *fragments):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    stages = ("avcl: loading data", "avcl: building the scenario", "avcl: checking the run")  # start-up lines
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(stages)]
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("avcl: error:"), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

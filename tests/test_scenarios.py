@@ -9,7 +9,7 @@ import torch
 from avcl.data.scenario import Task
 from avcl.eval.evaluator import accuracies_tag_taw, task_bounds
 from avcl.cli import main
-from conftest import TINY
+from conftest import TINY, error_lines
 
 FAST = TINY + ["train.epochs=5", "train.num_threads=1"]
 
@@ -80,7 +80,7 @@ def test_first_task_classes_that_do_not_divide_are_refused_before_anything_is_wr
         overrides, fragments, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "synthetic", *TINY, *overrides, "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("avcl: error:")
     for fragment in fragments:
         assert fragment in err[0], err[0]

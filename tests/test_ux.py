@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from avcl.cli import main
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, error_lines, run_cli
 
 
 def run_main(capsys, *args):
@@ -21,7 +21,7 @@ def run_main(capsys, *args):
 
 def assert_one_line_error(code, err, *fragments):
     assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = error_lines(err)
     assert len(lines) == 1 and lines[0].startswith("avcl: error:"), err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

@@ -48,8 +48,8 @@ CLIP_FIELDS = ("audio", "video")
 @dataclass
 class XKDHparams(Hparams):
     rec_weight: float = 5.0  # spec B.7: (5 L_rec + 1 L_kd + 1 L_da) / 7
-    kd_weight: float = 1.0
-    da_weight: float = 1.0
+    kd_weight: float = 1.0  # cross-modal distillation (DINO cross-entropy, teacher of the other modality)
+    da_weight: float = 1.0  # domain alignment (MMD between the audio and video outputs)
     momentum: float = 0.997  # EMA teachers: cosine schedule from this ...
     momentum_final: float = 1.0  # ... to this at the last step
     replay: bool = False  # continual use: replay clips from a reservoir of memory.size (train.replay_batch_size per step)
