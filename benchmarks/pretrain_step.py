@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
+
+from step_rows import measure_rows, print_figures  # benchmarks/step_rows.py
 
 METHODS = ("finetune", "er", "derpp", "lump", "stella")
 GEOMETRY = {  # (video frames, height=width, channels, fbank frames, mel bins, model overrides)
@@ -121,27 +121,12 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args)))
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    passed = sys.argv[1:]
-    results = {}
-    for name in METHODS:
-        done = subprocess.run([sys.executable, __file__, *passed, "--one", name], capture_output=True,
-                              text=True, env=env)
-        if done.returncode:
-            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        r = results[name]
-        print(f"{name:>9}: {r['samples_per_s']:8.1f} samples/s   step memory {r['step_mib']:8.1f} MiB   "
-              f"process peak {r['peak_mib']:8.1f} MiB   ({r['params_m']:.1f} M parameters)", flush=True)
+    results = measure_rows(__file__, METHODS, sys.argv[1:])
     stella, derpp = results["stella"], results["derpp"]
-    unit = "cuda_mib" if args.device.startswith("cuda") else "rss_mib"
-    figures = [f"memory_ratio={stella['step_mib'] / derpp['step_mib']:.3f}",
-               f"speed_ratio={stella['samples_per_s'] / derpp['samples_per_s']:.3f}",
-               f"device={args.device}", f"size={args.size}", f"geometry={args.geometry}", f"batch={args.batch}"]
-    figures += [f"{name}_samples_per_s={r['samples_per_s']:.1f}" for name, r in results.items()]
-    figures += [f"{name}_step_{unit}={r['step_mib']:.1f}" for name, r in results.items()]
-    print(" ".join(figures))
-
+    print_figures(results, args.device, [
+        f"memory_ratio={stella['step_mib'] / derpp['step_mib']:.3f}",
+        f"speed_ratio={stella['samples_per_s'] / derpp['samples_per_s']:.3f}",
+        f"device={args.device}", f"size={args.size}", f"geometry={args.geometry}", f"batch={args.batch}"])
 
 if __name__ == "__main__":
     main()

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
+
+from step_rows import measure_rows, print_figures  # benchmarks/step_rows.py
 
 ROWS = ("xkd", "xkd-mas", "xkd-mats", "mae")
 GEOMETRY = {"avdigits": ((8, 32, 32), 100, 40), "kinetics": ((32, 112, 112, 3), 448, 80)}
@@ -100,25 +100,12 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args)))
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    results = {}
-    for name in ROWS:
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name], capture_output=True,
-                              text=True, env=env)
-        if done.returncode:
-            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-        results[name] = r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name:>9}: {r['samples_per_s']:8.1f} samples/s   step memory {r['step_mib']:8.1f} MiB   "
-              f"process peak {r['peak_mib']:8.1f} MiB   ({r['params_m']:.2f} M parameters)", flush=True)
+    results = measure_rows(__file__, ROWS, sys.argv[1:])
     xkd, mae = results["xkd"], results["mae"]
-    unit = "cuda_mib" if args.device.startswith("cuda") else "rss_mib"
-    figures = [f"speed_ratio={xkd['samples_per_s'] / mae['samples_per_s']:.3f}",
-               f"memory_ratio={xkd['step_mib'] / max(mae['step_mib'], 1e-9):.3f}",
-               f"device={args.device}", f"recipe={args.recipe}", f"geometry={args.geometry}", f"batch={args.batch}"]
-    figures += [f"{name}_samples_per_s={r['samples_per_s']:.1f}" for name, r in results.items()]
-    figures += [f"{name}_step_{unit}={r['step_mib']:.1f}" for name, r in results.items()]
-    print(" ".join(figures))
-
+    print_figures(results, args.device, [
+        f"speed_ratio={xkd['samples_per_s'] / mae['samples_per_s']:.3f}",
+        f"memory_ratio={xkd['step_mib'] / max(mae['step_mib'], 1e-9):.3f}",
+        f"device={args.device}", f"recipe={args.recipe}", f"geometry={args.geometry}", f"batch={args.batch}"])
 
 if __name__ == "__main__":
     main()

@@ -63,7 +63,7 @@ from avcl.errors import AvclError
 from avcl.models import register_model
 from avcl.models.avm import AVMModule, matching_pairs
 from avcl.nn.losses import info_nce, normalized_patch_mse
-from avcl.nn.vit import (Block, gather_tokens, init_vit_weights, LN_EPS, patchify_2d, patchify_frames,
+from avcl.nn.vit import (Block, read_clip_geometry, gather_tokens, init_vit_weights, LN_EPS, patchify_2d, patchify_frames,
                          random_masking, resolve_size, run_blocks, sincos_2d, split_selected, visible_count)
 
 MODALITIES = ("audio", "video")
@@ -122,29 +122,10 @@ class CAVModel(nn.Module):
 
     # ----- geometry ----------------------------------------------------------------------------
     def _read_geometry(self, vit, example: Samples) -> None:
-        for key in MODALITIES:
-            if key not in example:
-                raise AvclError(f"model.name=cav needs '{key}' in the data; the dataset has {sorted(example)}")
+        read_clip_geometry(self, "cav", vit, example)
         video, audio = example["video"], example["audio"]
-        if video.dim() == 4:
-            self.channels = 1
-        elif video.dim() == 5 and video.shape[-1] == 3:
-            self.channels = 3
-        else:
-            raise AvclError(f"model.name=cav needs 'video' as (N, T, H, W) gray or (N, T, H, W, 3) RGB frames, "
-                            f"got shape {tuple(video.shape)}")
-        if audio.dim() != 3:
-            raise AvclError(f"model.name=cav needs 'audio' as (N, frames, mel_bins) fbank, "
-                            f"got shape {tuple(audio.shape)}")
-        self.data_frames, height, width = video.shape[1:4]
-        self.frame_size = (height, width)
-        self.mel_bins = audio.shape[2]
-        self.audio_frames = vit.audio_frames or audio.shape[1]
-        self.window = vit.video_window or self.data_frames
+        height, width = self.frame_size
         frames = vit.frames
-        if not 1 <= frames <= self.window <= self.data_frames:
-            raise AvclError(f"model.vit: need 1 <= frames ({frames}) <= video_window ({self.window}) <= the clips' "
-                            f"frames ({self.data_frames})")
         self.video_patch = p = vit.video_patch
         if p < 1 or height % p or width % p:
             raise AvclError(f"model.vit.video_patch={p} does not divide the video frames {height}x{width} "

@@ -70,7 +70,7 @@ from avcl.models import register_model
 from avcl.nn.distill import REFINE_MODES, DINOHead, refine_weights, refined_pool
 from avcl.nn.ema import ema_update_pairs
 from avcl.nn.losses import dino_cross_entropy, gaussian_mmd, normalized_patch_mse, update_center
-from avcl.nn.vit import (Block, LN_EPS, gather_tokens, init_vit_weights, patchify_2d, patchify_tubelets,
+from avcl.nn.vit import (Block, read_clip_geometry, LN_EPS, gather_tokens, init_vit_weights, patchify_2d, patchify_tubelets,
                          random_masking, resize_pos_embed, resolve_size, run_blocks, visible_count)
 
 MODALITIES = ("video", "audio")
@@ -237,29 +237,11 @@ class XKDModel(nn.Module):
             raise AvclError("bad config: 'model.xkd.center_momentum' and 'model.xkd.flip' must be in [0, 1]")
 
     def _read_geometry(self, vit, xc, example: Samples) -> None:
-        for key in MODALITIES:
-            if key not in example:
-                raise AvclError(f"model.name=xkd needs '{key}' in the data; the dataset has {sorted(example)}")
+        read_clip_geometry(self, "xkd", vit, example)
         video, audio = example["video"], example["audio"]
-        if video.dim() == 4:
-            self.channels = 1
-        elif video.dim() == 5 and video.shape[-1] == 3:
-            self.channels = 3
-        else:
-            raise AvclError(f"model.name=xkd needs 'video' as (N, T, H, W) gray or (N, T, H, W, 3) RGB uint8 frames, "
-                            f"got shape {tuple(video.shape)}")
-        if audio.dim() != 3:
-            raise AvclError(f"model.name=xkd needs 'audio' as (N, frames, mel_bins) fbank, got shape {tuple(audio.shape)}")
-        self.data_frames, height, width = video.shape[1:4]
-        self.frame_size = (height, width)
-        self.mel_bins = audio.shape[2]
-        self.audio_frames = vit.audio_frames or audio.shape[1]
-        self.window = vit.video_window or self.data_frames
+        height, width = self.frame_size
         frames, pt, p = vit.frames, xc.tubelet_frames, vit.video_patch
         self.video_patch = p
-        if not 1 <= frames <= self.window <= self.data_frames:
-            raise AvclError(f"model.vit: need 1 <= frames ({frames}) <= video_window ({self.window}) <= the clips' "
-                            f"frames ({self.data_frames})")
         self.stride = max(self.window // frames, 1)
         span = (xc.local_frames - 1) * self.stride + 1
         if xc.local_views_video and not 1 <= span <= self.data_frames:

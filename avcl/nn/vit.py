@@ -263,3 +263,32 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, x[0].reshape(x.shape[1], -1)).view(*ids.shape, *x.shape[2:])
     index = ids.reshape(*ids.shape, *([1] * (x.dim() - 2))).expand(*ids.shape, *x.shape[2:])
     return x.gather(1, index)
+
+
+def read_clip_geometry(module, model_name: str, vit, example) -> None:
+    """Set ``module``'s clip geometry from an example batch (``{"video": uint8 frames, "audio": fbank}``) and
+    ``model.vit``: channels, data_frames, frame_size, mel_bins, audio_frames and the sampling window,
+    refusing data or a config that do not fit (AvclError naming the model and key)."""
+    from avcl.errors import AvclError
+    for key in ("audio", "video"):
+        if key not in example:
+            raise AvclError(f"model.name={model_name} needs '{key}' in the data; the dataset has {sorted(example)}")
+    video, audio = example["video"], example["audio"]
+    if video.dim() == 4:
+        module.channels = 1
+    elif video.dim() == 5 and video.shape[-1] == 3:
+        module.channels = 3
+    else:
+        raise AvclError(f"model.name={model_name} needs 'video' as (N, T, H, W) gray or (N, T, H, W, 3) RGB frames, "
+                        f"got shape {tuple(video.shape)}")
+    if audio.dim() != 3:
+        raise AvclError(f"model.name={model_name} needs 'audio' as (N, frames, mel_bins) fbank, "
+                        f"got shape {tuple(audio.shape)}")
+    module.data_frames, height, width = video.shape[1:4]
+    module.frame_size = (height, width)
+    module.mel_bins = audio.shape[2]
+    module.audio_frames = vit.audio_frames or audio.shape[1]
+    module.window = vit.video_window or module.data_frames
+    if not 1 <= vit.frames <= module.window <= module.data_frames:
+        raise AvclError(f"model.vit: need 1 <= frames ({vit.frames}) <= video_window ({module.window}) <= the clips' "
+                        f"frames ({module.data_frames})")
