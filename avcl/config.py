@@ -162,6 +162,9 @@ class TrainConfig:
     # false: a method's checkpoint.pt (needed only to resume it) is deleted once the method is complete;
     # true: every method keeps its final checkpoint (model, memory, optimizer) in the run directory
     keep_checkpoints: bool = False
+    # <method>/model.pt: the final model's weights alone (what `avcl probe` and downstream use reads);
+    # None: written for pre-training (label-free) models, whose encoder is the product, not for classifiers
+    save_model: Optional[bool] = None
 
 
 @dataclass
@@ -372,6 +375,12 @@ def validate(cfg: DictConfig) -> None:
                         "or define a variant under 'variants')")
     if not cfg.methods:
         raise AvclError("'methods' is empty: name at least one method")
+    for name in cfg.methods:  # a method tied to one model (AV-CIL, HAD, STELLA, XKD), refused before anything runs
+        cls, _, model_cfg = method_hparams_for(cfg, name)
+        if cls.requires_model and model_cfg.name != cls.requires_model:
+            raise AvclError(f"method '{name}' needs model.name={cls.requires_model}, got model.name={model_cfg.name} "
+                            f"(in the recipe, or for one row: variants: {{my-{name}: {{method: {cls.name}, "
+                            f"model: {{name: {cls.requires_model}}}}}}})")
     _choice("model.fusion", cfg.model.fusion, ("concat", "sum"))
     _choice("train.optimizer", cfg.train.optimizer, ("adam", "sgd"))
     _choice("eval.forgetting", cfg.eval.forgetting, ("standard", "avcil"))

@@ -144,7 +144,8 @@ def step_flops(method, scenario, cfg, device) -> float:
     """FLOPs of one training step (forward, the teacher's forward unless cached, backward)."""
     train, memory = scenario.tasks[1].train, method.memory.samples
     new, replayed = min(cfg.train.batch_size, len(train["label"])), cfg.train.replay_batch_size
-    batch = {k: torch.cat([train[k][:new], memory[k][:replayed]]).to(device) for k in train}
+    # the task's rows are on the CPU, the memory's on the device it was filled on
+    batch = {k: torch.cat([train[k][:new].to(device), memory[k][:replayed].to(device)]) for k in train}
     batch["from_memory"] = (torch.arange(new + replayed) >= new).to(device)
     if method.teacher is not None:  # rows of the step's teacher cache
         offset = method.teacher["memory_offset"]
@@ -238,7 +239,9 @@ def main() -> None:
                                audio_dim=args.dim, tokens=args.grid[0] * args.grid[1], video_dim=args.dim)
         for part in DESIGNS:  # each in a fresh process: malloc settings are process-wide
             done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--part", part, "--root", tmp],
-                                  check=True, capture_output=True, text=True)
+                                  capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"design {part} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
             results[part] = json.loads(done.stdout.strip().splitlines()[-1])
     a, b = results["a"], results["b"]
     rate = a["step_flops"] * a["steps"] / a["epoch_s"]

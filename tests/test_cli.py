@@ -60,6 +60,7 @@ def test_run_writes_the_run_directory_and_report_reads_it(tmp_path):
             assert key in metrics
         assert metrics["complete"] and [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
         assert not (out / method / "checkpoint.pt").exists()  # only resuming needs it (train.keep_checkpoints)
+        assert not (out / method / "model.pt").exists()  # train.save_model: pre-training models only by default
         assert (out / method / "accuracy_matrix.png").stat().st_size > 1000
     assert (out / "accuracy.png").stat().st_size > 1000
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]

@@ -59,6 +59,8 @@ BAD_VALUES = [
     ("eval.probe_warmup_epochs=20", "eval.probe_warmup_epochs"),
     ("scenario.first_task_classes=6", "scenario.first_task_classes"),
     ("scenario.num_tasks=7", "scenario.num_tasks"),
+    ("methods=[xkd]", "model.name=xkd"),  # a method tied to another model
+    ("methods=[finetune,avcil]", "model.name=avcil"),
 ]
 
 

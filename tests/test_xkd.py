@@ -271,7 +271,9 @@ def test_ema_schedule_of_the_method_runs_over_the_stream(data):
 
 
 def test_xkd_refuses_other_models(data):
-    cfg = tiny_cfg(model={"name": "cav"})
+    with pytest.raises(AvclError, match="model.name=xkd"):  # when the config is loaded, before any run
+        tiny_cfg(model={"name": "cav"})
+    cfg = tiny_cfg(methods=["finetune"], model={"name": "cav"})  # and a method built on another model
     with pytest.raises(AvclError, match="model.name=xkd"):
         build_method("xkd", cfg, data.train)
 
@@ -285,8 +287,7 @@ STREAM = dict(methods=["xkd", "xkd-replay"], variants={"xkd-replay": {"method": 
 def reference(tmp_path_factory):
     torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("xkd-ref")
-    # keep_checkpoints: `avcl probe` reads the finished method's weights
-    cfg = tiny_cfg(**{**STREAM, "train": {**STREAM.get("train", {}), "keep_checkpoints": True}})
+    cfg = tiny_cfg(**STREAM)  # defaults: checkpoints deleted, final weights in <method>/model.pt
     from avcl.config import save_config
     save_config(cfg, run_dir / "config.yaml")  # as `avcl run` does
     return run_dir, cfg, execute(cfg, run_dir, show_progress=False)
@@ -337,6 +338,8 @@ def test_probe_command_end_to_end_on_a_tiny_store(reference, tmp_path):
 
     from avcl.data.store import create_store
     run_dir, cfg, _ = reference
+    # a pre-training model's final weights are kept by default (train.save_model), its checkpoint is not
+    assert (run_dir / "xkd" / "model.pt").is_file() and not (run_dir / "xkd" / "checkpoint.pt").exists()
     ds = build_dataset(cfg.data, None, 0)
     rows = {"train": ds.train, "test": ds.test}
     audio = np.concatenate([rows[s]["audio"].numpy() for s in rows]).astype(np.float16)

@@ -1,6 +1,7 @@
 """``avcl probe RUN_DIR/<method> DATASET [key=value ...]``: linear evaluation of a pre-trained encoder.
 
-The method's final model (``RUN_DIR/<method>/checkpoint.pt``; ``RUN_DIR/init``: the init stage's
+The method's final model (``RUN_DIR/<method>/model.pt``, written by default for pre-training models, or a kept
+``checkpoint.pt``; ``RUN_DIR/init``: the init stage's
 ``init/model.pt``, or the untrained model of an ``init.row`` run) is rebuilt from the run's config (the
 variant's model overrides included), frozen, and its features of DATASET's train and test clips (all
 classes) feed linear classifiers (``avcl.eval.probe.linear_probes``: video alone, audio alone, both; a model
@@ -44,7 +45,9 @@ def load_probe_target(target: Path, dataset: str, items: list[str], data_root: s
         weights = run_dir / "init" / "model.pt"
     elif name in cfg.methods or name in cfg.variants:
         model_cfg = method_hparams_for(cfg, name)[2]
-        weights = target / "checkpoint.pt"
+        # the final weights (train.save_model), else a kept or partial run's checkpoint
+        weights = next((p for p in (target / "model.pt", target / "checkpoint.pt") if p.is_file()),
+                       target / "model.pt")
     else:
         raise AvclError(f"{target}: '{name}' is not a method of the run {run_dir} (its methods: {list(cfg.methods)})")
     data = build_dataset(cfg.data, data_root, cfg.seed)
@@ -65,8 +68,8 @@ def load_probe_target(target: Path, dataset: str, items: list[str], data_root: s
             raise AvclError(f"{weights}: does not match the model built for '{dataset}' (model {model_cfg.name}; "
                             f"another model, size or input shape?): {first}") from None
     elif not (name == "init" and cfg.init.row):
-        raise AvclError(f"{weights} not found: the method has not finished a task yet, or it finished in a run "
-                         "without train.keep_checkpoints=true (a finished method keeps its weights only then)")
+        raise AvclError(f"{weights} not found (nor checkpoint.pt): the method has not finished a task yet, or it "
+                        "finished in a run with train.save_model=false and train.keep_checkpoints=false")
     return cfg, model, data
 
 

@@ -8,6 +8,7 @@ Run directory::
     <method>/metrics.json    written after every task; "complete": true when the method is done
     <method>/checkpoint.pt   after every task: model, method state (memory...), optimizer, RNG, metrics;
                              deleted once the method is complete unless train.keep_checkpoints=true
+    <method>/model.pt        the final model's weights (train.save_model; default: pre-training models)
     <method>/accuracy_matrix.png, accuracy.png   plots (retrieval_matrix.png, retrieval.png)
     <method>/epochs.csv, tasks.csv   per-epoch losses (each loss term), val accuracy, times; per-task metrics
     tensorboard/<method>/    the same as TensorBoard scalars, with log.tensorboard=true (avcl.engine.loggers)
@@ -149,6 +150,8 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         atomic_torch_save({"task": t, "model": method.model.state_dict(), "method": method.state_dict(),
                            "optimizer": optimizer.state_dict(), "rng": rng_state(), "record": record},
                           ckpt_path)
+        if complete and wants_model_file(cfg, method.model):  # before metrics.json marks the method complete
+            atomic_torch_save({"model": method.model.state_dict()}, out / "model.pt")
         metrics = method_metrics(name, record, protocol, scenario, len(tasks), complete)
         atomic_write_json(metrics_path, metrics)
         if complete and not cfg.train.keep_checkpoints:  # only resuming needs it, and the method is done
@@ -162,6 +165,12 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         progress.close()
     log("method_end", method=name)
     return json.loads(metrics_path.read_text())
+
+
+def wants_model_file(cfg: DictConfig, model) -> bool:
+    """``train.save_model``; None: only for label-free (pre-training) models."""
+    save = cfg.train.save_model
+    return bool(getattr(model, "label_free", False)) if save is None else save
 
 
 def make_scenario(cfg: DictConfig, data_root: str | None = None):
@@ -178,6 +187,7 @@ def check_run(cfg: DictConfig, scenario) -> None:
     """Everything that can be refused before a run directory is written (AvclError, one message)."""
     from avcl.eval.protocols import protocol_class
 
+    pick_device(cfg.train.device)  # CUDA asked for and absent: refused here
     if getattr(MODELS.get(cfg.model.name), "label_free", False):  # pre-training trains the encoders on raw clips
         require_raw(scenario.tasks[0].train, OmegaConf.select(cfg, "data.store") or f"dataset '{cfg.data.name}'")
     protocol_class(cfg.eval.protocol).check(cfg, scenario)

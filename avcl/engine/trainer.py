@@ -24,6 +24,17 @@ from avcl.methods.base import Method
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The torch device ``train.device`` names ("auto": CUDA, else MPS, else CPU); AvclError if it is absent."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AvclError(f"train.device={name}, but CUDA is not available here (torch {torch.__version__}"
+                            f"{', a CPU-only build' if torch.version.cuda is None else ', no GPU visible'}): "
+                            "use train.device=auto or cpu")
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise AvclError(f"train.device={name}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise AvclError("train.device=mps, but MPS is not available here: use train.device=auto or cpu")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
