@@ -16,7 +16,8 @@ from avcl.errors import AvclError
 
 def _run(args) -> int:
     from avcl.config import load_config, load_saved_config, save_config
-    from avcl.engine.runner import check_run, execute, make_scenario
+    from avcl.engine.runner import check_run, make_scenario
+    from avcl.engine.sweep import run_all, seed_configs
     from avcl.engine.progress import stage
     from avcl.eval.report import report
 
@@ -38,9 +39,12 @@ def _run(args) -> int:
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (run_dir / "config.yaml").exists():
             raise AvclError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
-    scenario = make_scenario(cfg, args.data_root)  # data problems surface before anything is written
+    if args.jobs < 1:
+        raise AvclError(f"--jobs must be >= 1, got {args.jobs}")
+    first = seed_configs(cfg, run_dir)[0][0]  # with seeds=[...]: the first seed's run stands for the checks
+    scenario = make_scenario(first, args.data_root)  # data problems surface before anything is written
     stage("checking the run: model and data shapes, evaluation, init stage")
-    check_run(cfg, scenario)
+    check_run(first, scenario)
     if args.dry_run:
         clips = sum(len(t.train["label"]) + len(t.val["label"]) + len(t.test["label"]) for t in scenario.tasks)
         print(f"avcl: dry run: '{cfg.name}' is valid: methods {list(cfg.methods)}, {len(scenario.tasks)} tasks, "
@@ -51,13 +55,16 @@ def _run(args) -> int:
         save_config(cfg, run_dir / "config.yaml")
     args.run_dir = run_dir  # from here on, an interrupted run can be resumed (main's hint)
     print(f"avcl: run '{cfg.name}' -> {run_dir}", file=sys.stderr)
-    execute(cfg, run_dir, show_progress=not args.quiet, scenario=scenario)
+    failed = run_all(cfg, run_dir, args.data_root, args.jobs, show_progress=not args.quiet, scenario=scenario)
     print(report(run_dir))
     size = sum(path.stat().st_size for path in run_dir.rglob("*") if path.is_file())
     print(f"\nrun directory: {run_dir} ({size / 2**20:.1f} MiB"
           + ("" if cfg.train.keep_checkpoints else "; train.keep_checkpoints=true keeps each method's checkpoint")
           + ")")
-    return 0
+    if failed:
+        print(f"avcl: {failed} unit(s) failed (above); `avcl run --resume {run_dir}` runs them again",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _list(args) -> int:
@@ -96,6 +103,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory (default: runs/<recipe>-<time>)")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
     run.add_argument("--quiet", action="store_true", help="no progress bar, no progress lines")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="run the methods x seeds in N worker processes, each with its share of the cores")
     run.add_argument("--dry-run", action="store_true",
                      help="validate the config, overrides and data (present, shapes), then exit; writes nothing")
     run.set_defaults(func=_run)
