@@ -380,8 +380,13 @@ def validate(cfg: DictConfig) -> None:
         raise AvclError("'methods' is empty: name at least one method")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise AvclError(f"bad config: 'seeds' lists a seed twice: {list(cfg.seeds)}")
+    from avcl.models import MODELS
     for name in cfg.methods:  # a method tied to one model (AV-CIL, HAD, STELLA, XKD), refused before anything runs
         cls, _, model_cfg = method_hparams_for(cfg, name)
+        trained_by = getattr(MODELS.get(model_cfg.name), "trained_by", None)  # a model tied to its method (XKD)
+        if trained_by and cls.name not in trained_by:
+            raise AvclError(f"model.name={model_cfg.name} is trained by method {' or '.join(trained_by)} only "
+                            f"(got '{name}' in methods): {MODELS[model_cfg.name].trained_by_why}")
         if cls.requires_model and model_cfg.name != cls.requires_model:
             raise AvclError(f"method '{name}' needs model.name={cls.requires_model}, got model.name={model_cfg.name} "
                             f"(in the recipe, or for one row: variants: {{my-{name}: {{method: {cls.name}, "
