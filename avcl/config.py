@@ -344,6 +344,9 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
                 OmegaConf.update(out, key, override_file(item, Path(value[1:])), merge=True)
     except OmegaConfBaseException as err:
         raise AvclError(f"bad override: {err}") from None
+    except yaml.YAMLError as err:  # a value that is not YAML, e.g. an unclosed {...}
+        raise AvclError(f"bad override: a value is not valid YAML ({str(err).splitlines()[0]}): "
+                        f"{' '.join(plain)}") from None
     return out
 
 

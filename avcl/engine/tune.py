@@ -104,7 +104,7 @@ def search_space(cfg: DictConfig) -> list[Param]:
                         f"search: {{{name}: {{lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}}}}}")
     hparams = [f.name for f in fields(cls.Hparams)]
     params = []
-    for key, spec in space.items():
+    for key, spec in flat_space(OmegaConf.to_container(space), hparams).items():
         where = f"search.{name}.{key}"
         if "." in key:
             if key.split(".")[0] in FIXED:
@@ -116,7 +116,6 @@ def search_space(cfg: DictConfig) -> list[Param]:
         else:
             raise AvclError(f"{where}: unknown key '{key}': {cls.name}'s hyperparameters are {', '.join(hparams)} "
                             "(or give a dotted config key, e.g. train.lr)")
-        spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec
         params.append(Param(key, target, distribution(where, spec)))
     base = trial_base(cfg)
     for param in params:  # a wrong type or an out-of-range value: the config's own message, before anything runs
@@ -124,8 +123,21 @@ def search_space(cfg: DictConfig) -> list[Param]:
             try:
                 trial_config(base, {param.key: value})
             except AvclError as err:
-                raise AvclError(f"search.{name}.{param.name}: the value {value!r} is refused: {err}") from None
+                hint = " (a whole-number key: add int: true)" if "to Integer" in str(err) else ""
+                raise AvclError(f"search.{name}.{param.name}: the value {value!r} is refused: {err}{hint}") from None
     return params
+
+
+def flat_space(space: dict, hparams: list[str], prefix: str = "") -> dict:
+    """key -> spec with dotted config keys, whether the recipe writes `train.lr: {...}` or
+    `train: {lr: {...}}` (a mapping that is no spec, under a key that is no hyperparameter, is a section)."""
+    out = {}
+    for key, spec in space.items():
+        name = f"{prefix}{key}"
+        nested = (isinstance(spec, dict) and spec and name not in hparams
+                  and not set(spec) & {"choices", *SPEC_KEYS})
+        out.update(flat_space(spec, hparams, f"{name}.") if nested else {name: spec})
+    return out
 
 
 def distribution(where: str, spec: Any):
