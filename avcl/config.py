@@ -231,6 +231,9 @@ class TuneConfig:
     pruner: bool = True  # median pruner: a trial below the median of earlier trials after a task stops
     pruner_startup_trials: int = 5  # finished trials before any trial is pruned
     pruner_warmup_tasks: int = 0  # tasks a trial trains before it may be pruned
+    # "": the study is DIR/study.db (SQLite); an Optuna RDB URL (postgresql://..., mysql://...) shares it between
+    # machines, each running `avcl tune --resume DIR --join` on a shared DIR (docs/tuning.md)
+    storage: str = ""
 
 
 def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:

@@ -33,6 +33,8 @@ def _tune(args) -> int:
 
     if args.jobs < 1:
         raise AvclError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.join and not args.resume:
+        raise AvclError("--join works with --resume DIR: it joins the search DIR holds")
     if args.resume:
         folder = Path(args.resume)
         recipe, overrides = _items(args.items)
@@ -41,10 +43,12 @@ def _tune(args) -> int:
             raise AvclError("--resume continues a search with its saved config: give no recipe, --out or overrides "
                             "(trials=N alone may raise the number of trials)")
         config_path = folder / "config.yaml"
-        if not config_path.is_file() or not (folder / tune.STUDY_FILE).is_file():
-            raise AvclError(f"cannot resume: {folder} holds no search (config.yaml and {tune.STUDY_FILE})")
+        if not config_path.is_file() or not (folder / "tune.json").is_file():
+            raise AvclError(f"cannot resume: {folder} holds no search (config.yaml, tune.json)")
         from omegaconf import OmegaConf
         cfg = load_saved_config(config_path)
+        if not cfg.tune.storage and not (folder / tune.STUDY_FILE).is_file():
+            raise AvclError(f"cannot resume: {folder / tune.STUDY_FILE} not found")
         if overrides:
             from avcl.config import build_config
             cfg = build_config(OmegaConf.to_container(cfg), overrides)
@@ -63,7 +67,7 @@ def _tune(args) -> int:
         tune.start(cfg, folder, recipe, "avcl tune " + " ".join(shlex.quote(a) for a in sys.argv[2:])
                    if sys.argv[1:2] == ["tune"] else "avcl tune " + " ".join(args.items))
     args.interrupt_hint = f"avcl tune --resume {folder}"
-    study = tune.search(cfg, folder, space, scenario, args.data_root, args.jobs)
+    study = tune.search(cfg, folder, space, scenario, args.data_root, args.jobs, join=args.join)
     best = tune._best(study)
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     print(f"avcl: {states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, {states.count('FAIL')} failed "
@@ -86,6 +90,9 @@ def register(subparsers) -> None:
     cmd.add_argument("--out", default=None, help="the search's folder (default: tune/<recipe>-<method>-<time>)")
     cmd.add_argument("--resume", default=None, metavar="DIR", help="continue a killed search (trials=N may raise N)")
     cmd.add_argument("--jobs", type=int, default=1, metavar="N", help="N trials at once, in worker processes")
+    cmd.add_argument("--join", action="store_true",
+                     help="with --resume: another machine works on the same study (tune.storage) now; leave its "
+                          "running trials alone")
     cmd.add_argument("--data-root", default=None,
                      help="folder with the datasets (default: $AVCL_DATA_DIR, then ~/.cache/avcl)")
     cmd.set_defaults(func=_tune)

@@ -299,27 +299,39 @@ def prepare(cfg: DictConfig, data_root: str | None) -> tuple[list[Param], Any]:
 
 # ----- the study --------------------------------------------------------------------------------------
 
-def storage_url(folder: Path) -> str:
-    return f"sqlite:///{(folder / STUDY_FILE).resolve()}"
+def storage_url(folder: Path, cfg: DictConfig) -> str:
+    """tune.storage (an Optuna RDB URL shared by several machines), else the SQLite file in the folder."""
+    return cfg.tune.storage or f"sqlite:///{(folder / STUDY_FILE).resolve()}"
 
 
 def open_study(folder: Path, cfg: DictConfig, worker: int = 0, create: bool = False):
     optuna = _optuna()
+    url = storage_url(folder, cfg)
     # SQLite allows one writer at a time: wait for the lock (other workers) instead of failing at once
-    storage = optuna.storages.RDBStorage(storage_url(folder), engine_kwargs={"connect_args": {"timeout": 120}})
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except Exception as err:  # noqa: BLE001 - a bad URL, a missing database driver, a server that does not answer
+        raise AvclError(f"cannot open the study's storage {url}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.pruner_startup_trials,
                                           n_warmup_steps=cfg.tune.pruner_warmup_tasks)
               if cfg.tune.pruner else optuna.pruners.NopPruner())
     name = f"{cfg.name}:{cfg.tune.method}"
     if create:
-        study = optuna.create_study(storage=storage, pruner=pruner, study_name=name, direction=cfg.tune.direction)
+        try:
+            study = optuna.create_study(storage=storage, pruner=pruner, study_name=name, direction=cfg.tune.direction)
+        except optuna.exceptions.DuplicatedStudyError:
+            raise AvclError(f"{url} already holds a study named '{name}': join it with avcl tune --resume on its "
+                            "folder, or change `name`") from None
     else:
         study = optuna.load_study(storage=storage, pruner=pruner, study_name=name)
     # Seeded from `seed`, this worker and the trials already there: a fresh search is reproducible, and a
     # resumed one (or another worker) does not draw the same first values again.
     import numpy as np
     seed = int(np.random.SeedSequence([cfg.seed, worker, len(study.get_trials(deepcopy=False))]).generate_state(1)[0])
-    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune.sampler_startup_trials)
+    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune.sampler_startup_trials,
+                                               constant_liar=True)  # --jobs: running trials count as poor ones
     return study
 
 
@@ -540,22 +552,24 @@ def start(cfg: DictConfig, folder: Path, recipe: str | None, command: str) -> No
     from avcl.config import save_config
     from avcl.engine.checkpoint import atomic_write_json
     folder.mkdir(parents=True, exist_ok=True)
+    open_study(folder, cfg, create=True)  # first: a storage that cannot be opened leaves no config.yaml behind
     save_config(cfg, folder / "config.yaml")
     atomic_write_json(folder / "tune.json", {"command": command, "recipe": recipe or cfg.name,
                                              "stream_tasks": cfg.scenario.num_tasks,
                                              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    open_study(folder, cfg, create=True)
 
 
-def search(cfg: DictConfig, folder: Path, space: list[Param], scenario, data_root: str | None, jobs: int) -> Any:
-    """Run the search to tune.trials counted trials (resuming whatever the folder holds); returns the study."""
+def search(cfg: DictConfig, folder: Path, space: list[Param], scenario, data_root: str | None, jobs: int,
+           join: bool = False) -> Any:
+    """Run the search to tune.trials counted trials (resuming whatever the folder holds); returns the study.
+    ``join``: other processes (machines) work on the same study now: their running trials are left alone."""
     from avcl.engine.init_stage import run_init_stage, wants_init
     from avcl.engine.progress import stage
     from avcl.engine.runner import EventLog
     from avcl.engine.trainer import pick_device
 
     study = open_study(folder, cfg)
-    killed = recover_killed(study)
+    killed = [] if join else recover_killed(study)
     if killed:
         print(f"avcl: trial(s) {killed} were running when the search was killed: their values run again",
               file=sys.stderr, flush=True)
