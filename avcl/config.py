@@ -221,7 +221,7 @@ class TuneConfig:
     # first_tasks: the objective is measured on the validation data of the first `tasks` tasks of the stream
     # (Chaudhry et al. 2019); all_tasks: on every task's validation split (the whole stream)
     protocol: str = "first_tasks"
-    tasks: int = 2
+    tasks: int = 2  # first_tasks: how many of the stream's first tasks the objective is measured on
     # a number of the trial's <method>/metrics.json (computed on validation data); auto: the protocol's
     # headline: average_incremental_accuracy (accuracy), retrieval_average (retrieval: mean R@k over
     # both directions and eval.recall_at), probe_av_accuracy (probe)

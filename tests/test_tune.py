@@ -154,6 +154,7 @@ BAD = [
     ({"finetune": {"lr": {"low": 0.1, "high": 0.01}}}, [], "search.finetune.lr: empty range: low (0.1) must be below high"),
     ({"finetune": {"lrate": {"low": 0.1, "high": 1}}}, [], "search.finetune.lrate: unknown key 'lrate'"),
     ({"finetune": {"train.lrate": {"low": 0.1, "high": 1}}}, [], "Key 'lrate' not in 'TrainConfig'"),
+    ({"finetune": {"train": {"lrate": {"low": 0.1, "high": 1}}}}, [], "Key 'lrate' not in 'TrainConfig'"),
     ({"finetune": {"epochs": {"low": 1, "high": 5}}}, [], "could not be converted to Integer"),  # int without int: true
     ({"finetune": {"lr": {"choices": ["fast", "slow"]}}}, [], "the value 'fast' is refused"),
     ({"finetune": {"lr": {"low": "a", "high": 1}}}, [], "'low' must be a finite number"),
@@ -223,3 +224,13 @@ def test_file_overrides(tmp_path):
     assert result.returncode == 2 and error_lines(result.stderr) == [
         f"avcl: error: bad override 'method_args.er=@{tmp_path / 'missing.yaml'}': file "
         f"{tmp_path / 'missing.yaml'} not found"]
+
+
+def test_objectives_of_each_protocol():
+    from avcl.engine.tune import known_objectives, objective_name, objective_value
+    retrieval = load_config("pretrain/synthetic", ["methods=er"])
+    assert objective_name(retrieval) == "retrieval_average" and "a2v_R@1" in known_objectives(retrieval)
+    assert objective_value({"a2v_average": 0.2, "v2a_average": 0.4}, "retrieval_average") == pytest.approx(0.3)
+    assert objective_value({"forgetting": None}, "forgetting") is None  # undefined after one task: not reported
+    accuracy = load_config("synthetic", ["tune.objective=last_accuracy"])
+    assert objective_name(accuracy) == "last_accuracy" and "taw_last_accuracy" in known_objectives(accuracy)
