@@ -488,6 +488,8 @@ def use_command(folder: Path, cfg: DictConfig, space: list[Param], best) -> str:
         section = f"variants.{cfg.tune.method}" if cfg.tune.method in cfg.variants else f"method_args.{cfg.tune.method}"
         args.append(f"{section}=@{folder / 'best.yaml'}")
     args += [f"{p.name}={best.params[p.name]}" for p in space if "." in p.name]
+    if cfg.tune.method not in cfg.methods:  # the recipe's own rows do not include it
+        args.append(f"methods={cfg.tune.method}")
     return " ".join(args)
 
 
@@ -497,8 +499,9 @@ def best_yaml(folder: Path, study, cfg: DictConfig, space: list[Param], best) ->
     import yaml
     finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED"))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    header = [f"# tuned: {study_attr(folder, 'command')}, {when}, objective {describe_objective(cfg, study_attr(folder, 'stream_tasks') or cfg.scenario.num_tasks)} "
-              f"= {best.value:.4f} (trial {best.number} of {finished} finished)",
+    objective = describe_objective(cfg, study_attr(folder, "stream_tasks") or cfg.scenario.num_tasks)
+    header = [f"# tuned: {study_attr(folder, 'command')}, {when},",
+              f"#   objective {objective} = {best.value:.4f} (trial {best.number} of {finished} finished)",
               f"# use: {use_command(folder, cfg, space, best)}"]
     body = {p.name: best.params[p.name] for p in space if "." not in p.name}
     return "\n".join(header) + "\n" + (yaml.safe_dump(body, sort_keys=False) if body else "{}\n")
