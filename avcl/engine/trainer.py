@@ -135,6 +135,8 @@ class Trainer:
         method.optimizer = optimizer
         method.model.train()
         sharded = distributed.current() is not None
+        if sharded:  # the rank's own stream for its rows' augmentations (distributed.RankRandom)
+            distributed.seed_rank_random(int(method.cfg.seed), len(method.task_ranges), self.device)
         for epoch in range(hp.epochs or cfg.epochs):
             total, steps = torch.zeros((), device=self.device), 0
             # several processes: this rank's slice of each global batch (avcl.engine.distributed)
