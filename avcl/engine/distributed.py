@@ -174,11 +174,25 @@ def collective(what: str):
         yield
     except RankFailure:
         raise
-    except (RuntimeError, OSError) as err:  # gloo/NCCL errors are RuntimeError subclasses (DistBackendError...)
-        if _DIST is None:
+    except (RuntimeError, OSError) as err:
+        if _DIST is None or not is_collective_error(err):
             raise
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise RankFailure(failure_message(f"{what} failed ({first})")) from None
+
+
+# what gloo, NCCL and the store say when a peer is gone or silent (torch.distributed.DistError aside)
+COLLECTIVE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out",
+                    "timeout", "socket", "peer", "store")
+
+
+def is_collective_error(err: BaseException) -> bool:
+    """A failure of the process group (a peer died or stalled), not a bug of the step itself."""
+    import torch.distributed as dist
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return any(word in text for word in COLLECTIVE_WORDS)
 
 
 def barrier(what: str = "barrier") -> None:
@@ -398,15 +412,16 @@ def _buckets(grads: list) -> Iterator[list]:
 # ----- replicas --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def checksum(tensors) -> torch.Tensor:
-    """Two float64 numbers that differ when any value differs (sum, and a position-weighted sum)."""
-    total = torch.zeros(2, dtype=torch.float64)
+def checksum(tensors, device: torch.device) -> torch.Tensor:
+    """Two float64 numbers on ``device`` (where the backend reduces) that differ when any value differs
+    (the sum, and a position-weighted sum)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     for t in tensors:
         if not isinstance(t, torch.Tensor) or not t.numel() or t.is_complex():
             continue
-        v = t.detach().reshape(-1).to("cpu", torch.float64)
+        v = t.detach().reshape(-1).to(device, torch.float64)
         total[0] += v.sum()
-        total[1] += (v * torch.linspace(1, 2, len(v), dtype=torch.float64)).sum()
+        total[1] += (v * torch.linspace(1, 2, len(v), dtype=torch.float64, device=device)).sum()
     return total
 
 
@@ -432,7 +447,7 @@ def check_replicas(method, what: str) -> None:
     parts = [method.model.state_dict()]
     if isinstance(method.memory, ExemplarMemory):
         parts.append(method.memory.samples)
-    mine = checksum(_tensors(parts))
+    mine = checksum(_tensors(parts), _DIST.device)
     every = [torch.zeros_like(mine) for _ in range(_DIST.world)]
     with collective(f"comparing replicas after {what}"):
         dist.all_gather(every, mine)

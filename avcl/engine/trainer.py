@@ -147,12 +147,13 @@ class Trainer:
                     if step is not None:
                         pick = distributed.slice_rows(pick, step)
                     batch = concat([batch, select(replay, pick.to(self.device))])
-                with self.autocast(), (distributed.step(step) if sharded else contextlib.nullcontext()):
-                    loss = method.training_loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if sharded:
-                    distributed.average_gradients(optimizer)
+                with (distributed.collective("a training step") if sharded else contextlib.nullcontext()):
+                    with self.autocast(), (distributed.step(step) if sharded else contextlib.nullcontext()):
+                        loss = method.training_loss(batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()  # several processes: gathered rows send their gradients back here
+                    if sharded:
+                        distributed.average_gradients(optimizer)
                 optimizer.step()
                 total += loss.detach()
                 steps += 1
