@@ -38,8 +38,9 @@ def torchrun(*args, nproc=2, env=None, timeout=240):
 
 
 def matrix(run_dir, method):
-    return torch.tensor(json.loads((run_dir / method / "metrics.json").read_text())["accuracy_matrix"],
-                        dtype=torch.float64)
+    """The accuracy matrix's entries, row after row (row t: the tasks seen after task t)."""
+    rows = json.loads((run_dir / method / "metrics.json").read_text())["accuracy_matrix"]
+    return torch.tensor([value for row in rows for value in row], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("methods,extra", [("[finetune,er,icarl]", []), ("[avcil]", AVCIL)],
@@ -53,15 +54,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, methods, e
     assert double.returncode == 0, double.stdout[-2000:] + double.stderr[-3000:]
     for method in methods.strip("[]").split(","):
         # Tolerance: the two runs add the same numbers in another order (two half-batch means averaged
-        # by an all-reduce instead of one mean; gathered InfoNCE candidates), so float32 round-off
-        # (~1e-7 relative per step) separates them and a few epochs of Adam carry it to ~1e-5 in the
-        # weights; predictions then agree. 1e-3 on the weights, and the accuracy matrices equal up to
-        # one test clip (1/60) in case a clip sits on a decision boundary.
+        # by an all-reduce instead of one mean; gathered D-AVSC candidates), so float32 round-off
+        # separates them: measured (2 CPU cores, torch 2.13) at most 5e-7 in any weight after the run,
+        # and equal accuracy matrices. Allowed: 1e-4 on the weights (200x the measured drift, far
+        # below any learning), and one test clip (1/60) per accuracy in case a clip sits on a boundary.
         torch.testing.assert_close(matrix(two, method), matrix(one, method), atol=1 / 60 + 1e-9, rtol=0)
         want = torch.load(one / method / "model.pt", weights_only=True)["model"]
         got = torch.load(two / method / "model.pt", weights_only=True)["model"]
         for key in want:
-            torch.testing.assert_close(got[key], want[key], atol=1e-3, rtol=1e-3, msg=f"{method} {key}")
+            torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=f"{method} {key}")
     # rank 0 alone wrote: one event log with one run_start, saying 2 processes
     events = [json.loads(line) for line in (two / "events.jsonl").read_text().splitlines()]
     assert [e["processes"] for e in events if e["event"] == "run_start"] == [2]
