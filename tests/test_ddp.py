@@ -118,7 +118,7 @@ def _gathered_losses(rank: int, port: int, results) -> None:
 
         def loss_of(rows, gathered):
             encoder.zero_grad()
-            step = distributed.Step(True, [4, 4], 4 * rank) if gathered else None
+            step = distributed.Step(True, [4, 4]) if gathered else None
             with distributed.step(step) if gathered else contextlib.nullcontext():
                 loss = info_nce(encoder(audio[rows]), encoder(video[rows]), 0.05)
             loss.backward()
@@ -133,7 +133,7 @@ def _gathered_losses(rank: int, port: int, results) -> None:
         center_one = torch.zeros(7)
         update_center(center_one, teacher)
         center_two = torch.zeros(7)
-        with distributed.step(distributed.Step(True, [4, 4], 4 * rank)):
+        with distributed.step(distributed.Step(True, [4, 4])):
             update_center(center_two, teacher[:, mine])
         results[rank] = {"full": full, "mean": distributed.average(half), "full_grad": full_grad,
                          "grad": encoder.weight.grad.clone(), "center_one": center_one, "center_two": center_two}

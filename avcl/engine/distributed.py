@@ -220,10 +220,9 @@ def check_world(cfg) -> None:
 
 @dataclass
 class Step:
-    """This rank's share of one global batch: rows ``[start, stop)`` of it (every row when not ``sliced``)."""
+    """This rank's share of one global batch: an equal slice of it, or every row when not ``sliced``."""
     sliced: bool
-    sizes: list  # rows of each rank (all equal when sliced)
-    offset: int  # first row of this rank in the gathered batch
+    sizes: list  # new-data rows of each rank (all equal when sliced)
 
 
 _STEP: Optional[Step] = None  # the step being computed (gathering is on only inside a sliced step)
@@ -240,9 +239,9 @@ def shard_batches(samples, batch_size: int) -> Iterator[tuple[dict, Step]]:
         rows = order[start:start + batch_size]
         if len(rows) % w == 0:
             share = len(rows) // w
-            yield select(samples, rows[r * share:(r + 1) * share]), Step(True, [share] * w, r * share)
+            yield select(samples, rows[r * share:(r + 1) * share]), Step(True, [share] * w)
         else:
-            yield select(samples, rows), Step(False, [len(rows)] * w, 0)
+            yield select(samples, rows), Step(False, [len(rows)] * w)
 
 
 def slice_rows(index: torch.Tensor, step: Step) -> torch.Tensor:
@@ -334,16 +333,35 @@ def shared_random():
 
 def all_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(the rows of ``x`` of every rank, concatenated in rank order, with their gradient; the offset of this
-    rank's rows in it). Inside a sliced training step only; otherwise ``(x, 0)``.
+    rank's rows in it). Inside a sliced training step only (every rank holds as many rows); otherwise ``(x, 0)``.
 
-    The backward of ``torch.distributed.nn.functional.all_gather`` sums every rank's gradient for this
-    rank's rows, so after the gradient average each replica holds the gradient of the global loss."""
+    The backward sums every rank's gradient for this rank's rows, so after the gradient average each
+    replica holds the gradient of the global loss."""
     if _STEP is None or not _STEP.sliced:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-    with collective("gathering rows (InfoNCE negatives)"):
-        parts = all_gather(x.contiguous())
-    return torch.cat(parts), _STEP.offset
+    with collective("gathering rows (contrastive negatives)"):
+        return _GatherRows.apply(x), _DIST.rank * len(x)
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather forward; backward: the sum over ranks of the gradient of the gathered rows (one all-reduce),
+    this rank's rows of it (what torch.distributed.nn.functional.all_gather does, without its deprecation)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(_DIST.world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = len(x), _DIST.rank
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous().clone()
+        with collective("sending back the gathered rows' gradients"):
+            dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 def is_gathering() -> bool:
