@@ -177,7 +177,7 @@ def collective(what: str):
     except (RuntimeError, OSError) as err:
         if _DIST is None or not is_collective_error(err):
             raise
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        first = _first_words(err)
         raise RankFailure(failure_message(f"{what} failed ({first})")) from None
 
 
@@ -193,6 +193,15 @@ def is_collective_error(err: BaseException) -> bool:
         return True
     text = str(err).lower()
     return any(word in text for word in COLLECTIVE_WORDS)
+
+
+def _first_words(err: BaseException) -> str:
+    """The backend's message without its source location, up to its first full stop: "Read error
+    [127.0.0.1]:2459: Connection reset by peer" from gloo's "[.../pair.cc:537] Read error ... by peer. This..."."""
+    import re
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h|py):\d+\]\s*", "", text)
+    return text.split(". ")[0][:160]
 
 
 def barrier(what: str = "barrier") -> None:
