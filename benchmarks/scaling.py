@@ -9,6 +9,7 @@ summed over the tasks; evaluation and start-up excluded). On the CPU both sides 
 one process with ``--threads`` threads (default: every core) against N with threads / N each.
 
     python benchmarks/scaling.py                            # synthetic recipe, er, 1 vs 2 processes, CPU
+    python benchmarks/scaling.py --threads 1                # 1 process x 1 thread vs 2 x 1 (2 cores busy)
     python benchmarks/scaling.py --processes 4 --device cuda pretrain/synthetic methods=[finetune]
 
 Arguments after the options are the recipe and its overrides (default below). The last line:
@@ -78,7 +79,9 @@ def main() -> None:
         one = measure(1, args.threads, recipe, args.device, Path(tmp))
         many = measure(args.processes, max(1, args.threads // args.processes), recipe, args.device, Path(tmp))
     speedup = many["samples_per_s"] / one["samples_per_s"]
-    print(f"speedup={speedup:.3f} processes={args.processes} device={args.device} "
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # a busy machine skews both sides
+    print(f"speedup={speedup:.3f} processes={args.processes} device={args.device} cores={os.cpu_count()} "
+          f"load_1min={load:.2f} "
           f"samples_per_s_1={one['samples_per_s']:.1f} samples_per_s_{args.processes}={many['samples_per_s']:.1f} "
           f"threads_1={one['threads']} threads_per_process_{args.processes}={many['threads']} "
           f"train_s_1={one['train_s']:.1f} train_s_{args.processes}={many['train_s']:.1f}")
