@@ -50,7 +50,8 @@ from avcl.models import MODELS, build_model
 class EventLog:
     def __init__(self, path: Path):
         self.path = path
-        if path.is_file() and distributed.is_main():  # a killed run may have left a torn last line: drop it before appending
+        # a killed run may have left a torn last line: drop it before appending (rank 0 alone writes)
+        if path.is_file() and distributed.is_main():
             data = path.read_bytes()
             if data and not data.endswith(b"\n"):
                 path.write_bytes(data[:data.rfind(b"\n") + 1])
