@@ -17,7 +17,8 @@ from avcl.errors import AvclError
 def _run(args) -> int:
     from avcl.config import load_config, load_saved_config, save_config
     from avcl.engine import distributed
-    from avcl.engine.runner import check_run, execute, make_scenario
+    from avcl.engine.runner import check_run, make_scenario
+    from avcl.engine.sweep import run_all, seed_configs
     from avcl.engine.progress import stage
     from avcl.eval.report import report
 
@@ -43,10 +44,16 @@ def _run(args) -> int:
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (run_dir / "config.yaml").exists():
             raise AvclError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
-    scenario = make_scenario(cfg, args.data_root)  # data problems surface before anything is written
+    if args.jobs < 1:
+        raise AvclError(f"--jobs must be >= 1, got {args.jobs}")
+    first = seed_configs(cfg, run_dir)[0][0]  # with seeds=[...]: the first seed's run stands for the checks
+    scenario = make_scenario(first, args.data_root)  # data problems surface before anything is written
     stage("checking the run: model and data shapes, evaluation, init stage")
-    check_run(cfg, scenario)
-    distributed.check_world(cfg)
+    check_run(first, scenario)
+    distributed.check_world(first)
+    if distributed.current() and args.jobs > 1:
+        raise AvclError("--jobs N starts worker processes of its own: under torchrun leave it at 1 (the ranks "
+                        "train each run together)")
     if args.dry_run:
         clips = sum(len(t.train["label"]) + len(t.val["label"]) + len(t.test["label"]) for t in scenario.tasks)
         print(f"avcl: dry run: '{cfg.name}' is valid: methods {list(cfg.methods)}, {len(scenario.tasks)} tasks, "
@@ -61,7 +68,7 @@ def _run(args) -> int:
     if main:
         where = f" ({distributed.world()} processes)" if distributed.current() else ""
         print(f"avcl: run '{cfg.name}' -> {run_dir}{where}", file=sys.stderr)
-    execute(cfg, run_dir, show_progress=not args.quiet, scenario=scenario)
+    failed = run_all(cfg, run_dir, args.data_root, args.jobs, show_progress=not args.quiet, scenario=scenario)
     distributed.close()
     if not main:
         return 0
@@ -70,7 +77,10 @@ def _run(args) -> int:
     print(f"\nrun directory: {run_dir} ({size / 2**20:.1f} MiB"
           + ("" if cfg.train.keep_checkpoints else "; train.keep_checkpoints=true keeps each method's checkpoint")
           + ")")
-    return 0
+    if failed:
+        print(f"avcl: {failed} unit(s) failed (above); `avcl run --resume {run_dir}` runs them again",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _list(args) -> int:
@@ -109,6 +119,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory (default: runs/<recipe>-<time>)")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
     run.add_argument("--quiet", action="store_true", help="no progress bar, no progress lines")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="run the methods x seeds in N worker processes, each with its share of the cores")
     run.add_argument("--dry-run", action="store_true",
                      help="validate the config, overrides and data (present, shapes), then exit; writes nothing")
     run.set_defaults(func=_run)

@@ -224,6 +224,9 @@ def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
         ("name", str, field(default="run")),
         ("description", str, field(default="")),
         ("seed", int, field(default=0)),
+        # several seeds: one complete run per seed in RUN_DIR/seed-<s>/ (then `seed` is not used);
+        # `avcl report RUN_DIR` gives mean ± std over them (avcl/engine/sweep.py)
+        ("seeds", List[int], field(default_factory=list)),
         ("methods", List[str], field(default_factory=lambda: ["finetune"])),
         ("data", dataset_options, field(default_factory=dataset_options)),
         ("scenario", ScenarioConfig, field(default_factory=ScenarioConfig)),
@@ -378,8 +381,15 @@ def validate(cfg: DictConfig) -> None:
                         "or define a variant under 'variants')")
     if not cfg.methods:
         raise AvclError("'methods' is empty: name at least one method")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise AvclError(f"bad config: 'seeds' lists a seed twice: {list(cfg.seeds)}")
+    from avcl.models import MODELS
     for name in cfg.methods:  # a method tied to one model (AV-CIL, HAD, STELLA, XKD), refused before anything runs
         cls, _, model_cfg = method_hparams_for(cfg, name)
+        trained_by = getattr(MODELS.get(model_cfg.name), "trained_by", None)  # a model tied to its method (XKD)
+        if trained_by and cls.name not in trained_by:
+            raise AvclError(f"model.name={model_cfg.name} is trained by method {' or '.join(trained_by)} only "
+                            f"(got '{name}' in methods): {MODELS[model_cfg.name].trained_by_why}")
         if cls.requires_model and model_cfg.name != cls.requires_model:
             raise AvclError(f"method '{name}' needs model.name={cls.requires_model}, got model.name={model_cfg.name} "
                             f"(in the recipe, or for one row: variants: {{my-{name}: {{method: {cls.name}, "
@@ -420,7 +430,7 @@ def validate(cfg: DictConfig) -> None:
 # element of a list of numbers is checked). Numbers not listed must be >= 0 (sizes, weights, counts);
 # "any" allows every finite number. NaN and infinity are refused everywhere.
 RANGES = {
-    "seed": ">=0",
+    "seed": ">=0", "seeds": ">=0",
     "scenario.num_tasks": ">=1", "scenario.class_order": ">=0",
     "model.embed_dim": ">=1", "model.feature_dim": ">=1", "model.snippets": ">=1", "model.visual_grid": ">=1",
     "model.vit.mlp_ratio": ">0", "model.vit.crop_scales": "(0,1]", "model.vit.fusion_depth": ">=0", "model.vit.*": ">=1",

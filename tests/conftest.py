@@ -37,7 +37,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-START_UP = ("avcl: loading data", "avcl: building the scenario", "avcl: checking the run")  # progress stage lines
+START_UP = ("avcl: loading data", "avcl: building the scenario", "avcl: checking the run",
+            "avcl: AV-Digits: building")  # progress stage lines
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -156,8 +156,10 @@ def test_unimodal_models_distil_their_one_feature(modalities, site):
 
 
 def test_afc_needs_the_avcil_model_and_a_known_classifier():
-    cfg = load_config("synthetic", TINY + ["methods=[afc]"])
-    with pytest.raises(AvclError, match="model.name=avcil"):
+    with pytest.raises(AvclError, match="model.name=avcil"):  # when the config is loaded
+        load_config("synthetic", TINY + ["methods=[afc]"])
+    cfg = load_config("synthetic", TINY + ["methods=[finetune]"])
+    with pytest.raises(AvclError, match="model.name=avcil"):  # and a method built on another model
         build_method("afc", cfg, make_scenario(cfg).tasks[0].train)
     with pytest.raises(AvclError, match="'nme' or 'lsc'"):
         _afc(["method_args.afc.classifier=fc"])

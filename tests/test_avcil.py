@@ -184,8 +184,10 @@ def test_loss_terms_at_a_later_step_and_ablations():
 
 
 def test_avcil_needs_the_avcil_model():
-    cfg = load_config("synthetic", TINY + ["methods=[avcil]"])
-    with pytest.raises(AvclError, match="model.name=avcil"):
+    with pytest.raises(AvclError, match="model.name=avcil"):  # when the config is loaded
+        load_config("synthetic", TINY + ["methods=[avcil]"])
+    cfg = load_config("synthetic", TINY + ["methods=[finetune]"])
+    with pytest.raises(AvclError, match="model.name=avcil"):  # and a method built on another model
         build_method("avcil", cfg, make_scenario(cfg).tasks[0].train)
 
 

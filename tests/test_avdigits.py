@@ -86,7 +86,7 @@ def test_held_out_speakers_never_in_the_stream(dataset, held_out_george):
     require_raw(held_out_george.held_out)
 
 
-def test_held_out_speakers_change_the_cache_key(held_out_george, monkeypatch):
+def test_held_out_speakers_change_the_cache_key(held_out_george, monkeypatch, capsys):
     import avcl.data.avdigits as avdigits
     real_build, built = avdigits._build, []
     monkeypatch.setattr(avdigits, "_build", lambda opts, *a: (built.append(list(opts.held_out_speakers)),
@@ -94,8 +94,10 @@ def test_held_out_speakers_change_the_cache_key(held_out_george, monkeypatch):
     build = lambda speakers: build_dataset(  # noqa: E731
         load_config("avdigits", [f"data.held_out_speakers=[{speakers}]"]).data, None, 0)
     build("george")
+    assert "avcl: AV-Digits: building 3000 clips" in capsys.readouterr().err  # the slow start is announced
     cached = build("george")  # from the cache, held-out split included
     assert built == [["george"]]
+    assert "building" not in capsys.readouterr().err
     assert torch.equal(cached.held_out["video"], held_out_george.held_out["video"])
     assert cached.info["fsdd_file"] == held_out_george.info["fsdd_file"]
     other = build("theo")  # another speaker is another cache entry, not george's

@@ -61,6 +61,7 @@ BAD_VALUES = [
     ("scenario.num_tasks=7", "scenario.num_tasks"),
     ("methods=[xkd]", "model.name=xkd"),  # a method tied to another model
     ("methods=[finetune,avcil]", "model.name=avcil"),
+    ("model.name=xkd", "model.name=xkd is trained by method xkd"),  # and a model tied to its method
 ]
 
 

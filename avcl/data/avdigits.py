@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import List
 
@@ -113,6 +114,9 @@ def build_avdigits(opts: AVDigitsOptions, data_root: str | None, seed: int) -> A
             return AVDataset(**torch.load(cache_path, weights_only=True))
         except Exception:  # a stale or damaged cache entry is rebuilt, never trusted
             pass
+    # the one slow start (tens of seconds): say so, also where no bar is drawn (logs, CI)
+    tqdm.write(f"avcl: AV-Digits: building {len(recordings)} clips (filterbanks, digit videos)"
+               + (f"; cached in {cache_path.parent} for the next runs" if opts.cache else ""), file=sys.stderr)
     dataset = _build(opts, recordings, mnist_dir, seed)
     if opts.cache:
         from avcl.engine.checkpoint import atomic_torch_save

@@ -74,12 +74,69 @@ def format_table(results: dict[str, dict], protocol: str = "accuracy") -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    import statistics
+    spec, _, unit = fmt.partition(" ")
+    scale, spec = (100, ".2f") if fmt == "%" else (1, spec)
+    text = f"{scale * statistics.fmean(values):{spec}}"
+    if len(values) > 1:
+        text += f" ± {scale * statistics.stdev(values):{spec}}"
+    return text + (f" {unit}" if unit else "")
+
+
+def seeds_table(run_dir: Path, seeds: list[int], protocol: str) -> str:
+    """Mean ± std (sample std) over the seeds' runs ``RUN_DIR/seed-<s>/`` of every metric column, per
+    method and head; a seed without the method yet is left out of its row (the seed count says so)."""
+    from avcl.eval.protocols import protocol_class
+    columns = protocol_class(protocol).columns
+    runs = {}
+    for seed in seeds:
+        try:
+            runs[seed] = load_results(run_dir / f"seed-{seed}")
+        except AvclError:
+            runs[seed] = {}  # not started yet
+    rows_of: dict[str, list[dict]] = {}
+    for results in runs.values():
+        for name, m in results.items():
+            rows_of.setdefault(name, []).append(m)
+            for head, h in m.get("heads", {}).items():
+                rows_of.setdefault(f"{name} [{head}]", []).append(h)
+    header = ["method"] + [title + (" %" if fmt == "%" else "") for _, title, fmt in columns] + ["seeds"]
+    rows = []
+    for name, metrics in rows_of.items():
+        cells = []
+        for key, _, fmt in columns:
+            values = [m[key] for m in metrics if m.get(key) is not None]
+            cells.append(_spread(values, fmt) if values else "—")
+        complete = sum(1 for m in metrics if m.get("complete", True))
+        rows.append([name] + cells + [f"{complete}/{len(seeds)}"])
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
 def report(run_dir: Path) -> str:
     import yaml
     run_dir = Path(run_dir)
-    results = load_results(run_dir)
     config = run_dir / "config.yaml"
     cfg = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    seeds = cfg.get("seeds") or []
+    if not cfg:  # seed runs made one by one (e.g. one cluster job each) into RUN_DIR/seed-<s>/
+        seeds = sorted(int(p.name[5:]) for p in run_dir.glob("seed-*") if p.name[5:].isdigit()
+                       and (p / "config.yaml").is_file())
+        if seeds:
+            cfg = yaml.safe_load((run_dir / f"seed-{seeds[0]}" / "config.yaml").read_text()) or {}
+    if seeds:  # a sweep: mean ± std over the seeds, then each seed's own report
+        protocol = (cfg.get("eval") or {}).get("protocol", "accuracy")
+        parts = [seeds_table(run_dir, seeds, protocol),
+                 f"mean ± sample std over seeds {seeds} (complete and partial runs; 'seeds' counts the complete ones)"]
+        for seed in seeds:
+            try:
+                parts.append(f"\nseed {seed} ({run_dir / f'seed-{seed}'}):\n" + report(run_dir / f"seed-{seed}"))
+            except AvclError as err:
+                parts.append(f"\nseed {seed}: {err}")
+        return "\n".join(parts)
+    results = load_results(run_dir)
     ev = cfg.get("eval") or {}
     protocol = ev.get("protocol") or next(iter(results.values())).get("protocol", "accuracy")
     text = format_table(results, protocol)

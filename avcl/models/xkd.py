@@ -164,6 +164,9 @@ class XKDModel(nn.Module):
     """XKD / XKD-MAS / XKD-MATS (see the module docstring). ``forward(batch)`` = ``embed(batch)``."""
 
     label_free = True
+    trained_by = ("xkd",)  # checked when the config is loaded (avcl.config.validate)
+    trained_by_why = ("its EMA teachers need the method's schedule; use methods: [xkd] (replay: variants with "
+                      "replay: true), and no init stage")
 
     def __init__(self, cfg, example: Samples):
         super().__init__()
@@ -419,8 +422,7 @@ class XKDModel(nn.Module):
         return out
 
     def ssl_loss(self, x, *args, **kwargs):
-        raise AvclError("model.name=xkd is trained by method 'xkd' (its EMA teachers need the method's schedule); "
-                        "use methods: [xkd] (replay: variants with replay: true), and no init stage")
+        raise AvclError(f"model.name=xkd is trained by method 'xkd': {self.trained_by_why}")
 
     # ----- teachers ------------------------------------------------------------------------------
     def teacher_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
