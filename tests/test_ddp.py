@@ -201,3 +201,17 @@ def test_gathered_infonce_dino_centre_and_avcil_step_equal_one_process():
     assert set(r["avcil_mean"]) == {"ss_ce", "tkd", "davsc_instance", "davsc_class", "vad_spatial", "vad_temporal"}
     torch.testing.assert_close(r["avcil_mean"], r["avcil_full"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(r["avcil_grads"], r["avcil_full_grads"], atol=1e-6, rtol=1e-4)
+
+
+def test_pretraining_stream_in_two_processes_keeps_a_reservoir_per_rank(tmp_path):
+    """The label-free stream end to end under torchrun (init stage, ER, STELLA, CLS-ER): the replicas agree
+    after every task (the run checks it), and the checkpoint holds each rank's reservoir of memory.size / 2."""
+    run_dir = tmp_path / "run"
+    done = torchrun("run", "pretrain/synthetic", "methods=[er,stella,clser]", "train.num_threads=1",
+                    "train.keep_checkpoints=true", "--quiet", "--out", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for method in ("er", "stella", "clser"):
+        assert json.loads((run_dir / method / "metrics.json").read_text())["complete"]
+        reservoirs = torch.load(run_dir / method / "checkpoint.pt", weights_only=True)["rank_memory"]
+        assert [r["capacity"] for r in reservoirs] == [8, 8]  # memory.size=16 in pretrain/synthetic
+    assert (run_dir / "init" / "model.pt").is_file()

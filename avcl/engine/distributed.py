@@ -297,7 +297,7 @@ class RankRandom:
             torch.manual_seed(seed)
             self.cpu = torch.get_rng_state()
             self.cuda = torch.cuda.get_rng_state(self.device) if self.device is not None else None
-        self.shared: Optional[tuple] = None
+        self.inside = False  # within a step (the rank's stream is the default one)
 
     def _swap(self) -> None:
         cpu, cuda = torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device is not None else None)
@@ -309,11 +309,11 @@ class RankRandom:
     @contextlib.contextmanager
     def swapped(self):
         self._swap()
-        self.shared = True
+        self.inside = True
         try:
             yield
         finally:
-            self.shared = None
+            self.inside = False
             self._swap()
 
 
@@ -330,7 +330,7 @@ def seed_rank_random(seed: int, task: int, device: torch.device) -> None:
 @contextlib.contextmanager
 def shared_random():
     """Inside a step, draw from the shared stream (the same on every rank); a no-op elsewhere."""
-    if _RANDOM is None or _RANDOM.shared is None:
+    if _RANDOM is None or not _RANDOM.inside:
         yield
         return
     _RANDOM._swap()
