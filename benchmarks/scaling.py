@@ -5,11 +5,13 @@ Each side is one whole ``avcl run`` into its own directory: 1 process (``python 
 (``torchrun --nproc-per-node N -m avcl run``, gloo on the CPU, NCCL with ``train.device=cuda``).
 samples/s = the new-data rows trained (every task's training clips x epochs, replayed rows not
 counted) over the run's train time (``train_seconds`` of metrics.json: training and memory updates,
-summed over the tasks; evaluation and start-up excluded). On the CPU both sides get the same cores:
-one process with ``--threads`` threads (default: every core) against N with threads / N each.
+summed over the tasks; evaluation and start-up excluded). On the CPU the one-process side gets
+``--threads`` threads (default 1) and each of the N processes ``max(1, threads / N)``: with the default,
+every process runs on one core, so the ideal ratio is N. ``--threads CORES`` gives both sides the same
+cores instead (one process with every core against N with their share).
 
     python benchmarks/scaling.py                            # synthetic recipe, er, 1 vs 2 processes, CPU
-    python benchmarks/scaling.py --threads 1                # 1 process x 1 thread vs 2 x 1 (2 cores busy)
+    python benchmarks/scaling.py --threads 2                # 1 process x 2 threads vs 2 x 1 thread
     python benchmarks/scaling.py --processes 4 --device cuda pretrain/synthetic methods=[finetune]
 
 Arguments after the options are the recipe and its overrides (default below). The last line:
@@ -70,8 +72,9 @@ def measure(processes: int, threads: int, args: list[str], device: str, root: Pa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2, help="the data-parallel side's processes (default 2)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="CPU threads of the one-process side; the N processes get threads / N each")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of the one-process side (default 1); the N processes get threads / N "
+                             "each, at least 1")
     parser.add_argument("--device", default="cpu", help="train.device of both sides (cpu, or cuda: one GPU per rank)")
     args, recipe = parser.parse_known_args()
     recipe = recipe or DEFAULT
