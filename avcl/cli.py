@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         resume = getattr(args, "run_dir", None)
-        hint = f"; continue with: avcl run --resume {resume}" if resume else ""
+        command = getattr(args, "interrupt_hint", None) or (f"avcl run --resume {resume}" if resume else None)
+        hint = f"; continue with: {command}" if command else ""
         print(f"avcl: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -215,6 +215,30 @@ class LogConfig:
     tensorboard: bool = False  # also TensorBoard event files in RUN/tensorboard/<method> (extra: avcl[tensorboard])
 
 
+@dataclass
+class TuneConfig:
+    """``avcl tune`` (avcl/engine/tune.py, docs/tuning.md): a hyperparameter search on validation data only.
+    The space searched is the recipe's ``search.<method>`` mapping."""
+    method: str = ""  # the method (or variant) searched; `avcl tune RECIPE method=NAME` sets it
+    trials: int = 20  # finished trials the search stops at (a resumed search counts the earlier ones)
+    # first_tasks: the objective is measured on the validation data of the first `tasks` tasks of the stream
+    # (Chaudhry et al. 2019); all_tasks: on every task's validation split (the whole stream)
+    protocol: str = "first_tasks"
+    tasks: int = 2  # first_tasks: how many of the stream's first tasks the objective is measured on
+    # a number of the trial's <method>/metrics.json (computed on validation data); auto: the protocol's
+    # headline: average_incremental_accuracy (accuracy), retrieval_average (retrieval: mean R@k over
+    # both directions and eval.recall_at), probe_av_accuracy (probe)
+    objective: str = "auto"
+    direction: str = "maximize"  # maximize | minimize (e.g. objective=forgetting)
+    sampler_startup_trials: int = 10  # random trials before TPE models the space
+    pruner: bool = True  # median pruner: a trial below the median of earlier trials after a task stops
+    pruner_startup_trials: int = 5  # finished trials before any trial is pruned
+    pruner_warmup_tasks: int = 0  # tasks a trial trains before it may be pruned
+    # "": the study is DIR/study.db (SQLite); an Optuna RDB URL (postgresql://..., mysql://...) shares it between
+    # machines, each running `avcl tune --resume DIR --join` on a shared DIR (docs/tuning.md)
+    storage: str = ""
+
+
 def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
     """The run-config dataclass for one dataset and the registered methods."""
     method_args = dataclasses.make_dataclass(
@@ -237,6 +261,11 @@ def _schema(dataset_options: type, method_hparams: dict[str, type]) -> type:
         ("eval", EvalConfig, field(default_factory=EvalConfig)),
         ("log", LogConfig, field(default_factory=LogConfig)),
         ("method_args", method_args, field(default_factory=method_args)),
+        # `avcl tune`: method (or variant) -> key -> spec, e.g. {low: 0.1, high: 10, log: true},
+        # {low: 1, high: 5, int: true}, {choices: [a, b]}; keys: the method's hyperparameters
+        # (method_args.<method>.<key>) or dotted config keys (train.lr); avcl/engine/tune.py
+        ("search", Dict[str, Dict[str, Any]], field(default_factory=dict)),
+        ("tune", TuneConfig, field(default_factory=TuneConfig)),
         # named variants of a method, usable in `methods` like a method: e.g. for an ablation
         # `had-no-ham: {method: had, ham: false}` (the other keys override method_args.<method>)
         ("variants", Dict[str, Dict[str, Any]], field(default_factory=dict)),
@@ -301,13 +330,47 @@ def _load_recipe_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``key=value`` items, later ones winning; ``key=@FILE`` sets ``key`` to the YAML mapping in FILE
+    (e.g. ``method_args.had=@tune/best.yaml``, what `avcl tune` writes)."""
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise AvclError(f"bad override '{item}': expected key=value, e.g. train.epochs=3")
+    out = OmegaConf.create()
+    plain: list[str] = []  # runs of plain items are parsed together (one dotlist)
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        for item in list(overrides) + [None]:
+            if item is not None and not item.split("=", 1)[1].startswith("@"):
+                plain.append(item)
+                continue
+            if plain:
+                out = OmegaConf.merge(out, OmegaConf.from_dotlist(plain))
+                plain = []
+            if item is not None:
+                key, value = item.split("=", 1)
+                OmegaConf.update(out, key, override_file(item, Path(value[1:])), merge=True)
     except OmegaConfBaseException as err:
         raise AvclError(f"bad override: {err}") from None
+    except yaml.YAMLError as err:  # a value that is not YAML, e.g. an unclosed {...}
+        raise AvclError(f"bad override: a value is not valid YAML ({str(err).splitlines()[0]}): "
+                        f"{' '.join(plain)}") from None
+    return out
+
+
+def override_file(item: str, path: Path) -> dict:
+    """The YAML mapping a ``key=@FILE`` override names (AvclError naming the override otherwise)."""
+    if not path.is_file():
+        raise AvclError(f"bad override '{item}': {path} is a directory, not a YAML file" if path.is_dir()
+                        else f"bad override '{item}': file {path} not found")
+    try:
+        value = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise AvclError(f"bad override '{item}': {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise AvclError(f"bad override '{item}': {path} must hold a mapping of keys to values, "
+                        f"got {type(value).__name__}")
+    return value
 
 
 def build_config(raw: dict | DictConfig, overrides: list[str] = ()) -> DictConfig:
@@ -351,7 +414,8 @@ def load_saved_config(path: Path) -> DictConfig:
         raise AvclError(f"{path} holds {'a list' if isinstance(raw, list) else type(raw).__name__}, not the run's "
                         "config (a mapping of keys to values); nothing was changed")
     sections = [f.name for f in dataclasses.fields(_schema(object, {}))]
-    missing = [name for name in sections if name not in raw]
+    later = ("search", "tune")  # sections added after runs were saved without them (their defaults apply)
+    missing = [name for name in sections if name not in raw and name not in later]
     if missing:
         raise AvclError(f"{path} is truncated (no {', '.join(missing)} section): restore it or start a new run; "
                         "nothing was changed")
@@ -418,6 +482,8 @@ def validate(cfg: DictConfig) -> None:
         raise AvclError("bad config: 'memory.size' must be >= 0")
     check_values(OmegaConf.to_container(cfg, resolve=True))
     _choice("train.model_selection", cfg.train.model_selection, ("last", "best_val"))
+    _choice("tune.protocol", cfg.tune.protocol, ("first_tasks", "all_tasks"))
+    _choice("tune.direction", cfg.tune.direction, ("maximize", "minimize"))
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise AvclError(f"bad config: 'train.device' must be auto, cpu, cuda, cuda:N or mps, got '{device}'")
@@ -438,7 +504,7 @@ RANGES = {
     "model.*.*_mean": "any",
     "train.epochs": ">=1", "train.batch_size": ">=1", "train.lr": ">0", "train.momentum": "[0,1)",
     "train.num_threads": ">=1", "train.adam_betas": "[0,1)", "train.dist_timeout": ">0",
-    "init.batch_size": ">=1", "log.progress_seconds": ">0",
+    "init.batch_size": ">=1", "log.progress_seconds": ">0", "tune.trials": ">=1", "tune.tasks": ">=1",
     "eval.batch_size": ">=1", "eval.retrieval_per_class": ">=1", "eval.recall_at": ">=1", "eval.probe_lr": ">0",
     "eval.probe_batch_size": ">=1",
     # methods (method_args.<method>.<key>, and variants.<variant>.<key>)
@@ -471,7 +537,8 @@ def check_values(tree: Any, prefix: str = "") -> None:
     """Every number of a config (sub)tree within its range (``RANGES``); raises one AvclError naming the key."""
     import math
     if isinstance(tree, dict):
-        skip = ("expected", "variants") if not prefix else ()  # variants: checked merged, in method_hparams_for
+        # variants: checked merged, in method_hparams_for; search: bounds, checked as the configs they make (tune)
+        skip = ("expected", "variants", "search") if not prefix else ()
         for key, value in tree.items():
             if key not in skip:
                 check_values(value, f"{prefix}.{key}" if prefix else str(key))

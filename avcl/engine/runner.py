@@ -48,8 +48,11 @@ from avcl.models import MODELS, build_model
 
 
 class EventLog:
-    def __init__(self, path: Path):
-        self.path = path
+    """``events.jsonl``; ``listener(event, fields)``, if given, hears every event once it is written
+    (`avcl tune` reports a trial's objective to its pruner at each ``task_end``)."""
+
+    def __init__(self, path: Path, listener=None):
+        self.path, self.listener = path, listener
         # a killed run may have left a torn last line: drop it before appending (rank 0 alone writes)
         if path.is_file() and distributed.is_main():
             data = path.read_bytes()
@@ -62,6 +65,8 @@ class EventLog:
         line = json.dumps({"time": round(time.time(), 3), "event": event, **fields})
         with open(self.path, "a") as handle:  # one short append per event; a torn last line is dropped on resume
             handle.write(line + "\n")
+        if self.listener is not None:
+            self.listener(event, fields)
 
 
 def build_method(name: str, cfg: DictConfig, example) -> object:
@@ -261,8 +266,9 @@ def planned_epochs(cfg: DictConfig, scenario, run_dir: Path) -> tuple[int, int]:
 
 
 def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_progress: bool = True,
-            scenario=None) -> dict:
-    """Run every method of ``cfg`` into ``run_dir``; returns method -> metrics."""
+            scenario=None, on_event=None) -> dict:
+    """Run every method of ``cfg`` into ``run_dir``; returns method -> metrics.
+    ``on_event(event, fields)``: hears every event of ``events.jsonl`` (EventLog's listener)."""
     from avcl.eval.plots import plot_run
 
     if scenario is None:
@@ -273,7 +279,7 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
     show_progress = show_progress and main
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    log = EventLog(run_dir / "events.jsonl")
+    log = EventLog(run_dir / "events.jsonl", on_event)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = dist.device if dist else pick_device(cfg.train.device)
