@@ -16,6 +16,7 @@ from avcl.errors import AvclError
 
 def _run(args) -> int:
     from avcl.config import load_config, load_saved_config, save_config
+    from avcl.engine import distributed
     from avcl.engine.runner import check_run, make_scenario
     from avcl.engine.sweep import run_all, seed_configs
     from avcl.engine.progress import stage
@@ -29,6 +30,7 @@ def _run(args) -> int:
         if not config_path.is_file():
             raise AvclError(f"cannot resume: {config_path} not found (is {run_dir} a run directory?)")
         cfg = load_saved_config(config_path)
+        distributed.setup(cfg.train)  # under torchrun: join the process group (a no-op in one process)
     else:
         names = [item for item in args.items if "=" not in item]  # the recipe, wherever it stands
         if len(names) > 1:
@@ -36,6 +38,9 @@ def _run(args) -> int:
         recipe = names[0] if names else None
         items = [item for item in args.items if "=" in item]
         cfg = load_config(recipe, items)
+        distributed.setup(cfg.train)  # under torchrun: join the process group (a no-op in one process)
+        if distributed.current() and not args.out:
+            raise AvclError("several processes write one run directory: give it with --out DIR")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (run_dir / "config.yaml").exists():
             raise AvclError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
@@ -45,17 +50,28 @@ def _run(args) -> int:
     scenario = make_scenario(first, args.data_root)  # data problems surface before anything is written
     stage("checking the run: model and data shapes, evaluation, init stage")
     check_run(first, scenario)
+    distributed.check_world(first)
+    if distributed.current() and args.jobs > 1:
+        raise AvclError("--jobs N starts worker processes of its own: under torchrun leave it at 1 (the ranks "
+                        "train each run together)")
     if args.dry_run:
         clips = sum(len(t.train["label"]) + len(t.val["label"]) + len(t.test["label"]) for t in scenario.tasks)
         print(f"avcl: dry run: '{cfg.name}' is valid: methods {list(cfg.methods)}, {len(scenario.tasks)} tasks, "
               f"{scenario.num_classes} classes, {clips} clips; nothing written (the run would go to {run_dir})")
         return 0
-    if not args.resume:
+    distributed.barrier("checking the run")  # every rank has looked for config.yaml before rank 0 writes it
+    main = distributed.is_main()  # several processes: rank 0 alone writes and prints
+    if not args.resume and main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     args.run_dir = run_dir  # from here on, an interrupted run can be resumed (main's hint)
-    print(f"avcl: run '{cfg.name}' -> {run_dir}", file=sys.stderr)
+    if main:
+        where = f" ({distributed.world()} processes)" if distributed.current() else ""
+        print(f"avcl: run '{cfg.name}' -> {run_dir}{where}", file=sys.stderr)
     failed = run_all(cfg, run_dir, args.data_root, args.jobs, show_progress=not args.quiet, scenario=scenario)
+    distributed.close()
+    if not main:
+        return 0
     print(report(run_dir))
     size = sum(path.stat().st_size for path in run_dir.rglob("*") if path.is_file())
     print(f"\nrun directory: {run_dir} ({size / 2**20:.1f} MiB"
@@ -143,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # Python's exit flush must not raise again
         return 141
     except AvclError as err:
-        print(f"avcl: error: {err}", file=sys.stderr)
+        from avcl.engine import distributed
+        if distributed.speaks(err):  # several processes: one line, from one rank
+            resume = getattr(args, "run_dir", None)
+            print(f"avcl: error: {str(err).replace('RUN_DIR', str(resume or 'RUN_DIR'))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resume = getattr(args, "run_dir", None)

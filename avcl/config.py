@@ -165,6 +165,9 @@ class TrainConfig:
     # <method>/model.pt: the final model's weights alone (what `avcl probe` and downstream use reads);
     # None: written for pre-training (label-free) models, whose encoder is the product, not for classifiers
     save_model: Optional[bool] = None
+    # several processes (torchrun): seconds a collective may wait for the other ranks before the run
+    # stops with an error (a rank that dies is usually seen at once: its connections close)
+    dist_timeout: float = 1800.0
 
 
 @dataclass
@@ -500,7 +503,7 @@ RANGES = {
     "model.*.mask_ratio_*": "[0,1)", "model.cav.temperature": ">0", "model.*.*_std": ">0",
     "model.*.*_mean": "any",
     "train.epochs": ">=1", "train.batch_size": ">=1", "train.lr": ">0", "train.momentum": "[0,1)",
-    "train.num_threads": ">=1", "train.adam_betas": "[0,1)",
+    "train.num_threads": ">=1", "train.adam_betas": "[0,1)", "train.dist_timeout": ">0",
     "init.batch_size": ">=1", "log.progress_seconds": ">0", "tune.trials": ">=1", "tune.tasks": ">=1",
     "eval.batch_size": ">=1", "eval.retrieval_per_class": ">=1", "eval.recall_at": ">=1", "eval.probe_lr": ">0",
     "eval.probe_batch_size": ">=1",

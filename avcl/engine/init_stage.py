@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from avcl.data.scenario import Task
+from avcl.engine import distributed
 from avcl.engine.checkpoint import atomic_torch_save, atomic_write_json, seed_everything
 from avcl.engine.peak_memory import PeakMemory
 from avcl.engine.trainer import Trainer, autocast_factory
@@ -89,13 +90,16 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
         return None
     out = run_dir / INIT
     model_path, metrics_path = out / "model.pt", out / "metrics.json"
+    trained, evaluated = model_path.is_file(), metrics_path.is_file()
+    distributed.barrier("starting the init stage")  # every rank has read the files before rank 0 writes them
+    main = distributed.is_main()  # several processes: rank 0 alone writes
     seed_everything(cfg.seed)
     model = build_model(cfg.model, scenario.tasks[0].train)
     seconds, peak_mib = 0.0, 0.0
     finetune = METHODS["finetune"]
     if ic.checkpoint:
         state = load_init_checkpoint(ic.checkpoint, model)
-    elif model_path.is_file():
+    elif trained:
         saved = torch.load(model_path, map_location="cpu", weights_only=True)
         state, seconds, peak_mib = saved["model"], saved["seconds"], saved["peak_memory_mib"]
     else:
@@ -107,7 +111,7 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
         held_out = Task(-1, [], scenario.held_out, {}, {})
         clips = len(next(iter(scenario.held_out.values())))
         log("init_start", clips=clips, epochs=ic.epochs, avm_epochs=ic.avm_epochs)
-        if show_progress:
+        if show_progress and main:
             print(f"init: {ic.epochs} epoch(s) of the backbone, then {ic.avm_epochs} of the AVM, on {clips} held-out "
                   f"clips (once; saved to {model_path})", file=sys.stderr, flush=True)
         started = time.perf_counter()
@@ -119,9 +123,10 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
                                      lambda e, loss, n=cls.name: log("init_epoch", stage=n, epoch=e, loss=loss))
         seconds, peak_mib = time.perf_counter() - started, peak.mib
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_torch_save({"model": state, "seconds": seconds, "peak_memory_mib": peak_mib}, model_path)
+        if main:
+            atomic_torch_save({"model": state, "seconds": seconds, "peak_memory_mib": peak_mib}, model_path)
         log("init_end", seconds=round(seconds, 3))
-    if not metrics_path.is_file():
+    if not evaluated and main:  # the evaluation has no collective: rank 0 alone runs it
         model.load_state_dict(state)
         model.to(device).eval()
         protocol = make_protocol(cfg, scenario, device, autocast_factory(device, cfg.train.bf16))
@@ -141,7 +146,7 @@ def evaluate_untrained(cfg: DictConfig, scenario, run_dir: Path, device: torch.d
     """``init.row`` without an init stage: the report's ``init`` row is the untrained model (built as every
     method builds its own: seeded with ``seed``), evaluated once by the run's protocol (``init/metrics.json``)."""
     metrics_path = run_dir / INIT / "metrics.json"
-    if metrics_path.is_file():
+    if metrics_path.is_file() or not distributed.is_main():  # rank 0 alone evaluates and writes it
         return
     seed_everything(cfg.seed)
     model = build_model(cfg.model, scenario.tasks[0].train).to(device).eval()

@@ -36,6 +36,7 @@ from avcl.data.samples import concat
 from avcl.data.scenario import from_config as scenario_from_config, merged_task
 from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
                                     set_rng_state)
+from avcl.engine import distributed
 from avcl.engine.init_stage import check_init, run_init_stage, wants_init
 from avcl.engine.loggers import MethodLog, check_loggers, record_environment
 from avcl.engine.peak_memory import PeakMemory
@@ -52,12 +53,15 @@ class EventLog:
 
     def __init__(self, path: Path, listener=None):
         self.path, self.listener = path, listener
-        if path.is_file():  # a killed run may have left a torn last line: drop it before appending
+        # a killed run may have left a torn last line: drop it before appending (rank 0 alone writes)
+        if path.is_file() and distributed.is_main():
             data = path.read_bytes()
             if data and not data.endswith(b"\n"):
                 path.write_bytes(data[:data.rfind(b"\n") + 1])
 
     def __call__(self, event: str, **fields) -> None:
+        if not distributed.is_main():  # several processes: rank 0 alone writes
+            return
         line = json.dumps({"time": round(time.time(), 3), "event": event, **fields})
         with open(self.path, "a") as handle:  # one short append per event; a torn last line is dropped on resume
             handle.write(line + "\n")
@@ -80,12 +84,16 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
     ``progress``: the run's progress (advanced one step per epoch); None: this method's own.
     """
     out = run_dir / name
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()  # several processes: rank 0 alone writes; every rank reads
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     metrics_path, ckpt_path = out / "metrics.json", out / "checkpoint.pt"
     if metrics_path.is_file():
         done = json.loads(metrics_path.read_text())
         if done.get("complete"):
             return done
+    resuming = ckpt_path.is_file()
+    distributed.barrier("starting a method")  # every rank has read the files before rank 0 writes them again
     seed_everything(cfg.seed)
     method = build_method(name, cfg, scenario.tasks[0].train)
     if init_state is not None:
@@ -97,12 +105,13 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
     record = {"train_seconds": 0.0, "task_seconds": [], "peak_memory_mib": 0.0, **protocol.new_record()}
     start_task, optimizer = 0, None
     stream_optimizer = cfg.train.optimizer_scope == "stream"
-    if ckpt_path.is_file():
+    if resuming:
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         if not method.label_free:
             method.model.head.grow(state["model"]["head.fc.weight"].shape[0])
         method.model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
+        distributed.load_rank_memory(method, state)
         if stream_optimizer:
             optimizer = make_optimizer(method.parameters(), cfg.train, method.hp.lr or cfg.train.lr)
             optimizer.load_state_dict(state["optimizer"])
@@ -115,7 +124,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         progress = RunProgress(len(tasks) * epochs, start_task * epochs, show_progress,
                                interval=cfg.log.progress_seconds)
     interactive = show_progress and progress.interactive
-    logs = MethodLog(run_dir, name, start_task, epochs, cfg.log.tensorboard)
+    logs = MethodLog(run_dir, name, start_task, epochs, cfg.log.tensorboard) if main else distributed.NoLog()
     log("method_start", method=name, start_task=start_task)
     for t in range(start_task, len(tasks)):
         task = tasks[t]
@@ -145,6 +154,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
                                          optimizer=optimizer if stream_optimizer else None)
         seconds = time.perf_counter() - started
         method.model.eval()
+        distributed.check_replicas(method, f"{name} task {t}")  # same model and memory on every rank
         summary = protocol.after_task(method, seen, record)
         record["train_seconds"] += seconds
         record["task_seconds"].append(seconds)
@@ -152,15 +162,17 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         complete = t == len(tasks) - 1
         if complete:
             protocol.finish(method, record)
-        atomic_torch_save({"task": t, "model": method.model.state_dict(), "method": method.state_dict(),
-                           "optimizer": optimizer.state_dict(), "rng": rng_state(), "record": record},
-                          ckpt_path)
-        if complete and wants_model_file(cfg, method.model):  # before metrics.json marks the method complete
-            atomic_torch_save({"model": method.model.state_dict()}, out / "model.pt")
+        rank_memory = distributed.rank_memory(method)  # per-rank reservoirs (a collective: every rank)
         metrics = method_metrics(name, record, protocol, scenario, len(tasks), complete)
-        atomic_write_json(metrics_path, metrics)
-        if complete and not cfg.train.keep_checkpoints:  # only resuming needs it, and the method is done
-            ckpt_path.unlink(missing_ok=True)
+        if main:
+            atomic_torch_save({"task": t, "model": method.model.state_dict(), "method": method.state_dict(),
+                               "optimizer": optimizer.state_dict(), "rng": rng_state(), "record": record,
+                               **rank_memory}, ckpt_path)
+            if complete and wants_model_file(cfg, method.model):  # before metrics.json marks the method complete
+                atomic_torch_save({"model": method.model.state_dict()}, out / "model.pt")
+            atomic_write_json(metrics_path, metrics)
+            if complete and not cfg.train.keep_checkpoints:  # only resuming needs it, and the method is done
+                ckpt_path.unlink(missing_ok=True)
         logs.task(t, seconds, metrics)
         log("task_end", method=name, task=t, summary=summary, seconds=round(seconds, 3))
         if show_progress and not interactive:  # logs and CI: one line per task instead of a bar
@@ -169,6 +181,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
     if own_progress:
         progress.close()
     log("method_end", method=name)
+    distributed.barrier("ending a method")  # rank 0 has written metrics.json before any rank reads it
     return json.loads(metrics_path.read_text())
 
 
@@ -260,21 +273,28 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
 
     if scenario is None:
         scenario = make_scenario(cfg, data_root)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dist = distributed.setup(cfg.train)  # under torchrun: join the process group (None in one process)
+    distributed.check_world(cfg)
+    main = distributed.is_main()  # rank 0 alone writes and shows progress
+    show_progress = show_progress and main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     log = EventLog(run_dir / "events.jsonl", on_event)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    device = pick_device(cfg.train.device)
+    device = dist.device if dist else pick_device(cfg.train.device)
     heap_kept = device.type == "cpu" and cfg.train.cpu_keep_heap and keep_cpu_heap()
     log("run_start", recipe=cfg.name, device=str(device), cpu_heap_kept=heap_kept, methods=list(cfg.methods),
-        tasks=[task.classes for task in scenario.tasks])
-    # What the run was trained on, as plain data anyone can reproduce: classes, order, tasks, provenance.
-    atomic_write_json(run_dir / "dataset.json", {
-        "class_names": scenario.class_names, "class_order": scenario.class_order,
-        "tasks": [{"classes": t.classes, "train": len(t.train["label"]), "val": len(t.val["label"]),
-                   "test": len(t.test["label"])} for t in scenario.tasks],
-        "info": scenario.info})
-    record_environment(run_dir, device)
+        tasks=[task.classes for task in scenario.tasks], **({"processes": dist.world} if dist else {}))
+    if main:
+        # What the run was trained on, as plain data anyone can reproduce: classes, order, tasks, provenance.
+        atomic_write_json(run_dir / "dataset.json", {
+            "class_names": scenario.class_names, "class_order": scenario.class_order,
+            "tasks": [{"classes": t.classes, "train": len(t.train["label"]), "val": len(t.val["label"]),
+                       "test": len(t.test["label"])} for t in scenario.tasks],
+            "info": scenario.info})
+        record_environment(run_dir, device)
+    distributed.barrier("starting the run")  # every rank has read the run directory before rank 0 writes more
     total, done = planned_epochs(cfg, scenario, run_dir)
     with RunProgress(total, done, show_progress, interval=cfg.log.progress_seconds) as progress:
         if wants_init(cfg):
@@ -285,6 +305,7 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
         for name in cfg.methods:
             results[name] = run_method(name, cfg, scenario, run_dir, log, device, show_progress, init_state,
                                        progress)
-            plot_run(run_dir, results, cfg.eval.protocol)
+            if main:
+                plot_run(run_dir, results, cfg.eval.protocol)
     log("run_end")
     return results

@@ -51,10 +51,12 @@ def run_all(cfg: DictConfig, run_dir: Path, data_root: str | None, jobs: int, sh
     ``scenario``: the first run's, already built by the caller's checks. Returns the number of failed units."""
     from avcl.engine.runner import execute
 
+    from avcl.engine import distributed
+
     runs = seed_configs(cfg, run_dir)
     if jobs <= 1:
         for i, (one, directory) in enumerate(runs):
-            if cfg.seeds:
+            if cfg.seeds and distributed.is_main():  # under torchrun: rank 0 alone writes
                 write_seed_config(one, directory)
                 print(f"avcl: seed {one.seed} ({i + 1}/{len(runs)}) -> {directory}", file=sys.stderr, flush=True)
             execute(one, directory, data_root, show_progress=show_progress, scenario=scenario if i == 0 else None)

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from avcl.data.samples import Samples, batches, concat, num_samples, select, to_device
+from avcl.engine import distributed
 from avcl.errors import AvclError
 from avcl.eval.evaluator import correct_predictions
 from avcl.memory.buffer import ExemplarMemory
@@ -133,20 +134,33 @@ class Trainer:
             optimizer = make_optimizer(method.parameters(), cfg, hp.lr or cfg.lr)
         method.optimizer = optimizer
         method.model.train()
+        sharded = distributed.current() is not None
+        if sharded:  # the rank's own stream for its rows' augmentations (distributed.RankRandom)
+            distributed.seed_rank_random(int(method.cfg.seed), len(method.task_ranges), self.device)
         for epoch in range(hp.epochs or cfg.epochs):
             total, steps = torch.zeros((), device=self.device), 0
-            for batch in batches(data, cfg.batch_size, shuffle=True):
+            # several processes: this rank's slice of each global batch (avcl.engine.distributed)
+            for batch, step in (distributed.shard_batches(data, cfg.batch_size) if sharded else
+                                ((b, None) for b in batches(data, cfg.batch_size, shuffle=True))):
                 if replay is not None:
                     pick = torch.randint(num_samples(replay), (cfg.replay_batch_size,))
+                    if step is not None:
+                        pick = distributed.slice_rows(pick, step)
                     batch = concat([batch, select(replay, pick.to(self.device))])
-                with self.autocast():
-                    loss = method.training_loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                with (distributed.collective("a training step") if sharded else contextlib.nullcontext()):
+                    with self.autocast(), (distributed.step(step) if sharded else contextlib.nullcontext()):
+                        loss = method.training_loss(batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()  # several processes: gathered rows send their gradients back here
+                    if sharded:
+                        distributed.average_gradients(optimizer)
                 optimizer.step()
                 total += loss.detach()
                 steps += 1
+            if sharded:  # the epoch's loss over every rank's slices (equal slices: the mean of the means)
+                total = distributed.average(total)
             on_epoch(epoch, float(total) / max(steps, 1))  # one host sync per epoch, not per step
+            distributed.test_stop(f"{method.name}:{len(method.task_ranges) - 1}:{epoch}")
             if select_best:
                 accuracy = self.fc_accuracy(method, val)
                 on_val(epoch, accuracy)

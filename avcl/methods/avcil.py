@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from avcl.data.samples import batches, num_samples
+from avcl.engine import distributed
 from avcl.errors import AvclError
 from avcl.methods import register
 from avcl.methods.base import Hparams, Method, taskwise_kd
@@ -58,9 +59,12 @@ class AVCILHparams(Hparams):
 
 
 def instance_contrastive(audio: torch.Tensor, visual: torch.Tensor, tau: float) -> torch.Tensor:
-    """-(1/B) Σ_i log softmax_j(â_i·v̂_j / tau)[i]: audio anchors, the same video's visual positive."""
-    similarity = audio.float() @ visual.float().T / tau
-    return F.cross_entropy(similarity, torch.arange(len(audio), device=audio.device))
+    """-(1/B) Σ_i log softmax_j(â_i·v̂_j / tau)[i]: audio anchors, the same video's visual positive.
+
+    Several processes: the candidates are every rank's rows (gathered), the anchors this rank's."""
+    visual_all, offset = distributed.all_rows(visual.float())
+    similarity = audio.float() @ visual_all.T / tau
+    return F.cross_entropy(similarity, offset + torch.arange(len(audio), device=audio.device))
 
 
 def class_contrastive(audio: torch.Tensor, visual: torch.Tensor, labels: torch.Tensor, tau: float,
@@ -69,10 +73,12 @@ def class_contrastive(audio: torch.Tensor, visual: torch.Tensor, labels: torch.T
 
     official: -(1/B) Σ_i (1/B) Σ_{j: y_j = y_i} log p_ij; paper (Eq. 7): (1/|P(i)|) instead of 1/B.
     """
-    log_p = (audio.float() @ visual.float().T / tau).log_softmax(dim=1)
-    positive = (labels[:, None] == labels[None, :]).float()
+    visual_all, _ = distributed.all_rows(visual.float())  # several processes: every rank's candidates
+    labels_all, _ = distributed.all_rows(labels)
+    log_p = (audio.float() @ visual_all.T / tau).log_softmax(dim=1)
+    positive = (labels[:, None] == labels_all[None, :]).float()
     per_anchor = (positive * log_p).sum(dim=1)
-    per_anchor = per_anchor / (len(labels) if norm == "official" else positive.sum(dim=1))
+    per_anchor = per_anchor / (len(labels_all) if norm == "official" else positive.sum(dim=1))
     return -per_anchor.mean()
 
 

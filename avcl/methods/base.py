@@ -65,7 +65,10 @@ class Method(ABC):
         self.label_free = bool(getattr(model, "label_free", False))
         if self.memory_budget == "reservoir" or (self.memory_budget == "config" and self.label_free):
             from avcl.memory.reservoir import ReservoirBuffer
-            self.memory = ReservoirBuffer(cfg.memory.size, seed=cfg.seed)
+            from avcl.engine import distributed
+            # several processes: one reservoir per rank with its share of the slots (spec A.8)
+            self.memory = ReservoirBuffer(distributed.memory_share(cfg.memory.size),
+                                          seed=distributed.memory_seed(cfg.seed))
             self.replay = "step"
         else:
             budget = {"config": cfg.memory.size, "all": None}.get(self.memory_budget)

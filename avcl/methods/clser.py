@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from avcl.engine import distributed
 from avcl.methods import register
 from avcl.methods.base import Hparams
 from avcl.methods.replay_ssl import (LabelFreeMethod, draw, embedding_mse, inputs_of, joined, prepare_current,
@@ -75,8 +76,9 @@ class CLSER(LabelFreeMethod):
 
     def update_emas(self) -> None:
         self.global_step += 1
-        update_plastic = float(torch.rand(1)) < self.hp.plastic_model_update_freq
-        update_stable = float(torch.rand(1)) < self.hp.stable_model_update_freq
+        with distributed.shared_random():  # several processes: every replica updates its EMAs alike
+            update_plastic = float(torch.rand(1)) < self.hp.plastic_model_update_freq
+            update_stable = float(torch.rand(1)) < self.hp.stable_model_update_freq
         if update_plastic:
             ema_update(self.plastic, self.model, ema_decay(self.global_step, self.hp.plastic_model_alpha))
         if update_stable:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from avcl.data.samples import Samples
+from avcl.engine import distributed
 from avcl.errors import AvclError
 from avcl.memory.reservoir import ReservoirBuffer
 from avcl.methods.base import Method
@@ -47,8 +48,11 @@ def prepare_current(model, batch: Samples) -> dict[str, torch.Tensor]:
 
 
 def draw(memory: ReservoirBuffer, k: int) -> tuple[torch.Tensor, Optional[Samples]]:
-    """``min(k, len(memory))`` stored rows (slots, rows); rows is None while the memory is empty."""
-    slots, rows = memory.sample(k)
+    """``min(k, len(memory))`` stored rows (slots, rows); rows is None while the memory is empty.
+
+    ``k`` is the global replay batch: with several processes each rank draws its share from its own
+    reservoir (spec A.8: the replay mini-batch is the per-GPU batch)."""
+    slots, rows = memory.sample(distributed.per_rank(k))
     return slots, (rows if rows and len(slots) else None)
 
 

@@ -70,6 +70,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from avcl.engine import distributed
 from avcl.errors import AvclError
 from avcl.methods import register
 from avcl.methods.base import Hparams, Method
@@ -171,7 +172,7 @@ class Stella(Method):
         importance = {"audio": s["i_audio"], "video": s["i_video"]}
         replay = None
         if len(self.memory):
-            _, replay = self.memory.sample(self.cfg.train.replay_batch_size)
+            _, replay = self.memory.sample(distributed.per_rank(self.cfg.train.replay_batch_size))  # per rank (A.8)
             align = torch.arange(rows, device=x["audio"].device) % len(replay["z_audio"])
             # A.6 step 1: a video patch is scored against the audio queries (and vice versa)
             c = {"video": past_correlation(s["k_video"], replay["q_audio"][align], s["q_audio"],

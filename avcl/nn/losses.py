@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from avcl.engine import distributed
+
 
 def normalized_patch_mse(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True,
                          mask: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
@@ -42,10 +44,17 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: st
         a, b = a.float(), b.float()
         if normalize:
             a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-        logits = a @ b.t() / temperature
-        labels = torch.arange(len(a), device=a.device)
-        rows = 0.5 * (F.cross_entropy(logits, labels, reduction="none")
-                      + F.cross_entropy(logits.t(), labels, reduction="none"))
+        if distributed.is_gathering():  # several processes: every rank's rows are negatives (spec A.2)
+            a_all, offset = distributed.all_rows(a)
+            b_all, _ = distributed.all_rows(b)
+            labels = offset + torch.arange(len(a), device=a.device)
+            rows = 0.5 * (F.cross_entropy(a @ b_all.t() / temperature, labels, reduction="none")
+                          + F.cross_entropy(b @ a_all.t() / temperature, labels, reduction="none"))
+        else:
+            logits = a @ b.t() / temperature
+            labels = torch.arange(len(a), device=a.device)
+            rows = 0.5 * (F.cross_entropy(logits, labels, reduction="none")
+                          + F.cross_entropy(logits.t(), labels, reduction="none"))
     if reduction == "none":
         return rows
     if reduction != "mean":
@@ -74,8 +83,9 @@ def dino_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, center: tor
 @torch.no_grad()
 def update_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float = 0.9) -> None:
     """DINO's centre update in place: c <- momentum * c + (1 - momentum) * mean of the teacher logits over
-    every row of every view (``teacher`` (..., K)); single process, so no all-reduce."""
-    mean = teacher.detach().float().reshape(-1, teacher.shape[-1]).mean(dim=0)
+    every row of every view (``teacher`` (..., K)); with several processes the mean over every rank's
+    rows (all-reduced, spec B.4), so every replica keeps the same centre."""
+    mean = distributed.mean_rows(teacher.detach().float().reshape(-1, teacher.shape[-1]).mean(dim=0))
     center.mul_(momentum).add_(mean.to(center.dtype), alpha=1 - momentum)
 
 
