@@ -41,6 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from avcl.config import load_config
 from avcl.data.avcil_official import (AUDIO_FILE, VISUAL_H5_FILE, load_pickled_npy, read_protocol,
                                       write_synthetic_layout)
+from avcl.data.samples import to_device
+from avcl.engine.peak_memory import PeakMemory
 from avcl.engine.runner import build_method, make_scenario
 from avcl.engine.trainer import Trainer, autocast_factory, keep_cpu_heap, make_optimizer
 
@@ -69,12 +71,13 @@ def step1_method(cfg, scenario, device):
     method = build_method("avcil", cfg, scenario.tasks[0].train)
     method.model.to(device)
     method.before_task(scenario.tasks[0])
-    method.memory.update(scenario.tasks[0].train)
+    method.memory.update(to_device(scenario.tasks[0].train, device))  # as a run fills it: from the device
     return method
 
 
-def avcl_epoch(cfg, scenario, device) -> tuple[float, object, int, float]:
-    """(last epoch's seconds, the method, steps per epoch, seconds of the once-per-step teacher cache)."""
+def avcl_epoch(cfg, scenario, device) -> tuple[float, object, int, float, float]:
+    """(last epoch's seconds, the method, steps per epoch, seconds of the once-per-step teacher cache, peak
+    memory of the training in MiB: the CUDA allocator's peak on a GPU, the process's RSS on the CPU)."""
     method = step1_method(cfg, scenario, device)
     trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.bf16), cfg.eval.batch_size)
     ends, cache_seconds = [], []
@@ -92,9 +95,10 @@ def avcl_epoch(cfg, scenario, device) -> tuple[float, object, int, float]:
         ends.append(time.perf_counter())
 
     method.training_data = timed_cache
-    trainer.fit_task(method, scenario.tasks[1], on_epoch)
+    with PeakMemory(device) as peak:
+        trainer.fit_task(method, scenario.tasks[1], on_epoch)
     steps = -(-len(scenario.tasks[1].train["label"]) // cfg.train.batch_size)
-    return min(b - a for a, b in zip(ends[:-1], ends[1:])), method, steps, cache_seconds[0]
+    return min(b - a for a, b in zip(ends[:-1], ends[1:])), method, steps, cache_seconds[0], peak.mib
 
 
 def official_epoch(cfg, scenario, folder: Path, ids_of, device, workers: int) -> float:
@@ -206,10 +210,10 @@ def measure(args, root: str) -> dict:
         ids_of = {"train": protocol.ids["train"], "train_labels": protocol.labels["train"]}
         return {"epoch_s": official_epoch(cfg, scenario, Path(root) / "kinetics-sounds", ids_of, device,
                                           args.workers)}
-    seconds, method, steps, cache_seconds = avcl_epoch(cfg, scenario, device)
+    seconds, method, steps, cache_seconds, peak_mib = avcl_epoch(cfg, scenario, device)
     if args.part != "a":  # the breakdown rows need their time only
         return {"epoch_s": seconds}
-    return {"epoch_s": seconds, "teacher_cache_s": cache_seconds, "steps": steps,
+    return {"epoch_s": seconds, "teacher_cache_s": cache_seconds, "steps": steps, "peak_memory_mib": peak_mib,
             "step_flops": step_flops(method, scenario, cfg, device), "peak_flops": matmul_peak(device),
             "videos": len(scenario.tasks[1].train["label"])}
 
@@ -245,11 +249,13 @@ def main() -> None:
             results[part] = json.loads(done.stdout.strip().splitlines()[-1])
     a, b = results["a"], results["b"]
     rate = a["step_flops"] * a["steps"] / a["epoch_s"]
+    rows = a["videos"] + a["steps"] * args.replay_batch  # new clips once, plus each step's replayed exemplars
     print(f"grid={args.grid[0]}x{args.grid[1]}x{args.dim} videos_step1={a['videos']} steps={a['steps']} "
           f"device={args.device} threads={args.threads or torch.get_num_threads()} "
           f"a_teacher_cache_once_per_step_s={a['teacher_cache_s']:.3f}")
     print(f"a_avcl_epoch_s={a['epoch_s']:.3f} b_official_epoch_s={b['epoch_s']:.3f} "
-          f"b_over_a={b['epoch_s'] / a['epoch_s']:.2f} "
+          f"b_over_a={b['epoch_s'] / a['epoch_s']:.2f} a_samples_per_s={rows / a['epoch_s']:.1f} "
+          f"a_peak_memory_mib={a['peak_memory_mib']:.0f} "
           + "".join(f"{name}_epoch_s={results[name]['epoch_s']:.3f} " for name in
                     ("a_official_compute", "a_kept_heap", "a_kept_heap_fused")) +
           f"step_gflop={a['step_flops'] / 1e9:.4g} achieved_gflops={rate / 1e9:.4g} "

@@ -5,6 +5,7 @@
 # run directories to $RUNS (default $LOGS).
 #   AVCL_DATA_DIR=../shared/data bash benchmarks/gpu_checks.sh
 #   ONLY="avdigits gpu_tests" bash benchmarks/gpu_checks.sh     # some checks only
+# avcil_step runs at avcil/ave's geometry: VideoMAE 8 x 196 x 768 tokens, batch 256 + 128 replayed, bf16
 set -u
 LOGS=${LOGS:-gpu-logs}
 RUNS=${RUNS:-$LOGS}
@@ -26,6 +27,6 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 step gpu_tests 300 $PY -m pytest -m gpu tests/test_gpu.py -q -rs -s -p no:cacheprovider
 step pretrain_step 150 $PY benchmarks/pretrain_step.py --device cuda --size base --geometry cav --batch 12 --steps 5
 step xkd_step 150 $PY benchmarks/xkd_step.py --device cuda --recipe xkd/kinetics --geometry kinetics --batch 32 --steps 5
-step avcil_step 120 $PY benchmarks/avcil_step.py --device cuda
+step avcil_step 420 $PY benchmarks/avcil_step.py --device cuda --grid 8 196 --dim 768 --batch 256 --replay-batch 128 --videos 1536 --classes 6
 step avdigits 300 $PY -m avcl run avdigits train.device=cuda --out "$RUNS/run-avdigits"
 step pretrain_avdigits 400 $PY -m avcl run pretrain/avdigits train.device=cuda --out "$RUNS/run-pretrain"

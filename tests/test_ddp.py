@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # 2 tasks of 3 classes x 39 clips = 117 rows per task: global batches 20, 20, ..., 17, so the last one is
 # not cut in two (every rank computes it whole) and all the others are; replay 16 = 2 x 8.
 DDP_TINY = TINY + ["scenario.num_tasks=2", "data.train_per_class=39", "train.epochs=4", "train.batch_size=20",
-                   "train.replay_batch_size=16", "train.num_threads=1", "train.save_model=true", "--quiet"]
+                   "train.replay_batch_size=16", "train.num_threads=1", "train.save_model=true",
+                   "eval.batch_size=16", "--quiet"]  # evaluation in 16-row batches: sharded across the ranks
 AVCIL = ["model.name=avcil", "model.encoders=builtin", "model.visual_grid=[4,4]", "model.embed_dim=16",
          "model.feature_dim=32"]
 
@@ -72,6 +73,28 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, methods, e
     events = [json.loads(line) for line in (two / "events.jsonl").read_text().splitlines()]
     assert [e["processes"] for e in events if e["event"] == "run_start"] == [2]
     assert not list(two.rglob("*.tmp")) and not list(two.rglob(".*.tmp"))
+
+
+def test_two_nodes_through_a_rendezvous_equal_one_process(tmp_path):
+    """The multi-node command of docs/scaling.md (one torchrun agent per node, c10d rendezvous), both agents
+    on this machine with one process each: the run equals the one-process run."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["synthetic", "methods=[finetune,er]", *DDP_TINY]
+    single = run_cli("run", *args, "--out", str(one))
+    assert single.returncode == 0, single.stderr
+    port = free_port()
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+                                "1", "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                                f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "-m", "avcl", "run", *args,
+                                "--out", str(two)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]
+    outputs = [agent.communicate(timeout=240) for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs
+    for method in ("finetune", "er"):
+        torch.testing.assert_close(matrix(two, method), matrix(one, method), atol=1 / 60 + 1e-9, rtol=0)
+    events = [json.loads(line) for line in (two / "events.jsonl").read_text().splitlines()]
+    assert [e["processes"] for e in events if e["event"] == "run_start"] == [2]
 
 
 def test_batches_that_cannot_be_cut_evenly_are_refused_in_one_line(tmp_path):
@@ -142,7 +165,7 @@ def _gathered_losses(rank: int, port: int, results) -> None:
             update_center(center_two, teacher[:, mine])
         results[rank] = {"full": full, "mean": distributed.average(half), "full_grad": full_grad,
                          "grad": encoder.weight.grad.clone(), "center_one": center_one, "center_two": center_two,
-                         **_avcil_step(rank)}
+                         **_avcil_step(rank), **_sharded_evaluation()}
     finally:
         distributed.close()
 
@@ -185,6 +208,24 @@ def _avcil_step(rank: int) -> dict:
             "avcil_full_grads": full_grads, "avcil_grads": grads}
 
 
+def _sharded_evaluation() -> dict:
+    """Evaluation passes over 70 rows in batches of 16 (5 batches): the rows this rank computed, and the
+    gathered per-row results (correctness, embeddings) every rank ends with."""
+    from avcl.eval.evaluator import correct_predictions
+    from avcl.eval.probe import embed_all
+    torch.manual_seed(1)  # the same data on both ranks
+    data = {"x": torch.randn(70, 4), "label": torch.randint(0, 4, (70,))}
+    computed = []
+
+    def predict(batch):
+        computed.append(batch["x"])
+        return batch["x"]
+    correct = correct_predictions(predict, data, 16, torch.device("cpu"), contextlib.nullcontext)
+    embedded = embed_all(lambda batch: 2 * batch["x"], data, 16, torch.device("cpu"), contextlib.nullcontext)
+    return {"eval_data": data, "eval_computed": torch.cat(computed), "eval_correct": correct,
+            "eval_embedded": embedded}
+
+
 def test_gathered_infonce_dino_centre_and_avcil_step_equal_one_process():
     import torch.multiprocessing as mp
     results = mp.Manager().dict()
@@ -201,13 +242,21 @@ def test_gathered_infonce_dino_centre_and_avcil_step_equal_one_process():
     assert set(r["avcil_mean"]) == {"ss_ce", "tkd", "davsc_instance", "davsc_class", "vad_spatial", "vad_temporal"}
     torch.testing.assert_close(r["avcil_mean"], r["avcil_full"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(r["avcil_grads"], r["avcil_full_grads"], atol=1e-6, rtol=1e-4)
+    # sharded evaluation: rank 0 computed batches 0-1 (rows 0-31), rank 1 batches 2-4 (rows 32-69), the very
+    # batches of one process; both end with every row's result, in row order
+    x = results[0]["eval_data"]["x"]
+    assert torch.equal(results[0]["eval_computed"], x[:32]) and torch.equal(results[1]["eval_computed"], x[32:])
+    for rank in (0, 1):
+        r = results[rank]
+        assert torch.equal(r["eval_correct"], (x.argmax(1) == r["eval_data"]["label"]).float())
+        assert torch.equal(r["eval_embedded"], 2 * x)
 
 
 def test_pretraining_stream_in_two_processes_keeps_a_reservoir_per_rank(tmp_path):
     """The label-free stream end to end under torchrun (init stage, ER, STELLA, CLS-ER): the replicas agree
     after every task (the run checks it), and the checkpoint holds each rank's reservoir of memory.size / 2."""
     run_dir = tmp_path / "run"
-    done = torchrun("run", "pretrain/synthetic", "methods=[er,stella,clser]", "train.num_threads=1",
+    done = torchrun("run", "pretrain/synthetic", "methods=[er,stella,clser]", "train.num_threads=1", "eval.batch_size=8",
                     "train.keep_checkpoints=true", "--quiet", "--out", str(run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
     for method in ("er", "stella", "clser"):

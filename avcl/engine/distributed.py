@@ -18,8 +18,12 @@ How a run with W processes equals one process with the same global batch (docs/s
 * Batch-level terms see the global batch: InfoNCE (CAV-MAE, AV-CIL's D-AVSC) gathers the rows
   of every rank with their gradient (``all_rows``), XKD's DINO centre is all-reduced (``mean_rows``).
 * Replicas stay identical (same initial weights from the seed, same averaged step, same RNG),
-  so exemplar selection (herding, random) and evaluation give the same result on every rank;
-  ``check_replicas`` compares a checksum of model and memory across ranks after every task.
+  so exemplar selection (herding, random) gives the same result on every rank; ``check_replicas``
+  compares a checksum of model and memory across ranks after every task.
+* Evaluation is sharded: each rank computes a contiguous run of the batches one process makes
+  (``eval_batches``), and the per-row results are gathered in row order (``join_eval``), so the
+  metrics are the one-process metrics, computed W times faster. AV-CIL's teacher cache is made the
+  same way: each rank computes the teacher's outputs for its share of the step's rows.
 * Rank 0 alone writes (``is_main``). A collective that fails (a rank died, or none answered
   within ``train.dist_timeout`` seconds) ends the run with one line naming the rank that stopped.
 """
@@ -492,6 +496,46 @@ def gather_objects(obj) -> list:
     with collective("gathering per-rank state"):
         dist.all_gather_object(out, obj)
     return out
+
+
+# ----- sharded evaluation: each rank a contiguous run of the one-process batches ---------------------
+
+def eval_shares(n: int, batch_size: int) -> Optional[list[tuple[int, int]]]:
+    """[start, stop) rows of an evaluation pass over ``n`` rows that each rank computes: contiguous runs of
+    whole batches of ``batch_size``, the very batches one process makes, so every number is the one-process
+    number. None when the pass is not sharded (one process, or fewer batches than ranks: every rank
+    computes it all)."""
+    batches_ = -(-n // batch_size)
+    if _DIST is None or batches_ < _DIST.world:
+        return None
+    cuts = [batches_ * r // _DIST.world * batch_size for r in range(_DIST.world + 1)]
+    return [(start, min(stop, n)) for start, stop in zip(cuts[:-1], cuts[1:])]
+
+
+def eval_batches(samples, batch_size: int) -> Iterator[dict]:
+    """``batches(samples, batch_size)``, this rank's share of them (``eval_shares``); then ``join_eval``."""
+    from avcl.data.samples import batches, num_samples, select
+    shares = eval_shares(num_samples(samples), batch_size)
+    if shares is not None:
+        samples = select(samples, torch.arange(*shares[_DIST.rank]))
+    yield from batches(samples, batch_size)
+
+
+def join_eval(rows: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
+    """The per-row results of every rank's ``eval_batches`` share, in row order, on every rank (on
+    ``rows``' device); ``rows`` itself when the pass over ``n`` rows was not sharded. One all-gather on the
+    process group's device (each share padded to the largest)."""
+    shares = eval_shares(n, batch_size)
+    if shares is None:
+        return rows
+    import torch.distributed as dist
+    sizes = [stop - start for start, stop in shares]
+    padded = rows.new_zeros((max(sizes), *rows.shape[1:]), device=_DIST.device)
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in sizes]
+    with collective("gathering evaluation results"):
+        dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(rows.device)
 
 
 def test_stop(where: str) -> None:

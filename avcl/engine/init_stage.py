@@ -126,7 +126,7 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
         if main:
             atomic_torch_save({"model": state, "seconds": seconds, "peak_memory_mib": peak_mib}, model_path)
         log("init_end", seconds=round(seconds, 3))
-    if not evaluated and main:  # the evaluation has no collective: rank 0 alone runs it
+    if not evaluated:  # every rank evaluates its share (sharded evaluation); rank 0 alone writes
         model.load_state_dict(state)
         model.to(device).eval()
         protocol = make_protocol(cfg, scenario, device, autocast_factory(device, cfg.train.bf16))
@@ -135,8 +135,9 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
         holder = finetune(model, finetune.Hparams(), cfg)  # the protocol reads its .model
         summary = protocol.after_task(holder, scenario.tasks, record)
         protocol.finish(holder, record)
-        atomic_write_json(metrics_path, method_metrics(INIT, record, protocol, scenario, 1, True))
-        if show_progress:
+        if main:
+            atomic_write_json(metrics_path, method_metrics(INIT, record, protocol, scenario, 1, True))
+        if show_progress and main:
             print(f"{INIT}: {summary} ({seconds:.1f} s)", file=sys.stderr, flush=True)
     return state
 
@@ -146,7 +147,8 @@ def evaluate_untrained(cfg: DictConfig, scenario, run_dir: Path, device: torch.d
     """``init.row`` without an init stage: the report's ``init`` row is the untrained model (built as every
     method builds its own: seeded with ``seed``), evaluated once by the run's protocol (``init/metrics.json``)."""
     metrics_path = run_dir / INIT / "metrics.json"
-    if metrics_path.is_file() or not distributed.is_main():  # rank 0 alone evaluates and writes it
+    distributed.barrier("evaluating the untrained model")  # every rank sees the same metrics file, or none
+    if metrics_path.is_file():
         return
     seed_everything(cfg.seed)
     model = build_model(cfg.model, scenario.tasks[0].train).to(device).eval()
@@ -155,6 +157,8 @@ def evaluate_untrained(cfg: DictConfig, scenario, run_dir: Path, device: torch.d
     holder = METHODS["finetune"](model, METHODS["finetune"].Hparams(), cfg)  # the protocol reads its .model
     summary = protocol.after_task(holder, scenario.tasks, record)
     protocol.finish(holder, record)
+    if not distributed.is_main():  # every rank evaluated its share (sharded evaluation); rank 0 alone writes
+        return
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(metrics_path, method_metrics(INIT, record, protocol, scenario, 1, True))
     if show_progress:

@@ -9,7 +9,8 @@ from typing import Callable, Optional
 
 import torch
 
-from avcl.data.samples import Samples, batches, concat
+from avcl.data.samples import Samples, concat, num_samples
+from avcl.engine import distributed
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def _correct(predict: Callable[[Samples], torch.Tensor], data: Samples, batch_si
     ((num_classes, 2): the [start, end) label range of each class's task)."""
     tag, taw = [], []
     bounds = task_bounds.to(device) if task_bounds is not None else None
-    for batch in batches(data, batch_size):
+    for batch in distributed.eval_batches(data, batch_size):  # several processes: this rank's share
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
             scores = predict(batch)
@@ -30,7 +31,9 @@ def _correct(predict: Callable[[Samples], torch.Tensor], data: Samples, batch_si
             columns = torch.arange(scores.shape[1], device=scores.device)
             own_task = (columns >= start[:, None]) & (columns < end[:, None])
             taw.append((scores.masked_fill(~own_task, float("-inf")).argmax(dim=1) == labels).cpu())
-    return torch.cat(tag).float(), (torch.cat(taw).float() if bounds is not None else None)
+    n = num_samples(data)
+    tag_all = distributed.join_eval(torch.cat(tag).float(), n, batch_size)
+    return tag_all, (distributed.join_eval(torch.cat(taw).float(), n, batch_size) if bounds is not None else None)
 
 
 def correct_predictions(predict: Callable[[Samples], torch.Tensor], data: Samples, batch_size: int,

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avcl.data.samples import Samples, batches
+from avcl.data.samples import Samples, num_samples
+from avcl.engine import distributed
 
 
 class ProbeHead(nn.Module):
@@ -35,11 +36,11 @@ def embed_all(embed: Callable[[Samples], torch.Tensor], data: Samples, batch_siz
               autocast) -> torch.Tensor:
     """Features of every row of ``data`` (float32, on ``device``), batched."""
     out = []
-    for batch in batches(data, batch_size):
+    for batch in distributed.eval_batches(data, batch_size):  # several processes: this rank's share
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
             out.append(embed(batch).float())
-    return torch.cat(out)
+    return distributed.join_eval(torch.cat(out), num_samples(data), batch_size)
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -87,14 +88,14 @@ def modality_features(model, data: Samples, batch_size: int, device, autocast) -
     float32 on the CPU, in eval mode."""
     model.eval()
     out: dict[str, list] = {}
-    for batch in batches(data, batch_size):
+    for batch in distributed.eval_batches(data, batch_size):  # several processes: this rank's share
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
             emb = model.embed(batch)
         for key in ("audio", "video", "features"):
             if key in emb:
                 out.setdefault(key, []).append(emb[key].float().cpu())
-    return {key: torch.cat(parts) for key, parts in out.items()}
+    return {key: distributed.join_eval(torch.cat(parts), num_samples(data), batch_size) for key, parts in out.items()}
 
 
 def _fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

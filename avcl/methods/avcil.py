@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from avcl.data.samples import batches, num_samples
+from avcl.data.samples import num_samples
 from avcl.engine import distributed
 from avcl.errors import AvclError
 from avcl.methods import register
@@ -132,14 +132,15 @@ class AVCIL(Method):
 
     def teacher_pass(self, samples, attention: bool) -> dict[str, torch.Tensor]:
         """The teacher's logits for ``samples``, and with ``attention`` its spatial / temporal maps."""
-        parts = []
-        for batch in batches(samples, self.cfg.eval.batch_size):
+        parts, size = [], self.cfg.eval.batch_size
+        for batch in distributed.eval_batches(samples, size):  # several processes: this rank's share
             rows = torch.arange(num_samples(batch), device=batch["label"].device) if attention else None
             out = self.old_model(batch, attention_rows=rows)
             parts.append({"logits": out["logits"].float()} if not attention else {
                 "logits": out["logits"].float(), "spatial_attention": out["spatial_log_attention"].exp(),
                 "temporal_attention": out["temporal_attention"].float()})
-        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        return {key: distributed.join_eval(torch.cat([p[key] for p in parts]), num_samples(samples), size)
+                for key in parts[0]}
 
     @torch.no_grad()
     def teacher_outputs(self, batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
