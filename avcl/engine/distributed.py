@@ -20,9 +20,9 @@ How a run with W processes equals one process with the same global batch (docs/s
 * Replicas stay identical (same initial weights from the seed, same averaged step, same RNG),
   so exemplar selection (herding, random) gives the same result on every rank; ``check_replicas``
   compares a checksum of model and memory across ranks after every task.
-* Evaluation is sharded: each rank computes a contiguous run of the batches one process makes
-  (``eval_batches``), and the per-row results are gathered in row order (``join_eval``), so the
-  metrics are the one-process metrics, computed W times faster. AV-CIL's teacher cache is made the
+* Evaluation is sharded (``eval_pass``): each rank computes a contiguous run of the batches one
+  process makes, and the per-row results are gathered in row order, so the metrics are the
+  one-process metrics, computed W times faster. AV-CIL's teacher cache is made the
   same way: each rank computes the teacher's outputs for its share of the step's rows.
 * Rank 0 alone writes (``is_main``). A collective that fails (a rank died, or none answered
   within ``train.dist_timeout`` seconds) ends the run with one line naming the rank that stopped.
@@ -512,8 +512,8 @@ def eval_shares(n: int, batch_size: int) -> Optional[list[tuple[int, int]]]:
     return [(start, min(stop, n)) for start, stop in zip(cuts[:-1], cuts[1:])]
 
 
-def eval_batches(samples, batch_size: int) -> Iterator[dict]:
-    """``batches(samples, batch_size)``, this rank's share of them (``eval_shares``); then ``join_eval``."""
+def _eval_batches(samples, batch_size: int) -> Iterator[dict]:
+    """``batches(samples, batch_size)``, this rank's share of them (``eval_shares``)."""
     from avcl.data.samples import batches, num_samples, select
     shares = eval_shares(num_samples(samples), batch_size)
     if shares is not None:
@@ -521,8 +521,8 @@ def eval_batches(samples, batch_size: int) -> Iterator[dict]:
     yield from batches(samples, batch_size)
 
 
-def join_eval(rows: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
-    """The per-row results of every rank's ``eval_batches`` share, in row order, on every rank (on
+def _join_eval(rows: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
+    """The per-row results of every rank's ``_eval_batches`` share, in row order, on every rank (on
     ``rows``' device); ``rows`` itself when the pass over ``n`` rows was not sharded. One all-gather on the
     process group's device (each share padded to the largest)."""
     shares = eval_shares(n, batch_size)
@@ -536,6 +536,19 @@ def join_eval(rows: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
     with collective("gathering evaluation results"):
         dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(rows.device)
+
+
+def eval_pass(compute, samples, batch_size: int):
+    """``compute(batch)`` over ``batches(samples, batch_size)``, concatenated in row order: a tensor, or a dict
+    of tensors, with one row per row of the batch. Several processes: each rank computes its share of the
+    batches (``eval_shares``) and the shares are all-gathered, so every rank gets every row's result, the
+    one-process numbers. Every rank must call it (a collective)."""
+    from avcl.data.samples import num_samples
+    n = num_samples(samples)
+    parts = [compute(batch) for batch in _eval_batches(samples, batch_size)]
+    if isinstance(parts[0], dict):
+        return {key: _join_eval(torch.cat([part[key] for part in parts]), n, batch_size) for key in parts[0]}
+    return _join_eval(torch.cat(parts), n, batch_size)
 
 
 def test_stop(where: str) -> None:

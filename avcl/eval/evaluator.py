@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from avcl.data.samples import Samples, concat, num_samples
+from avcl.data.samples import Samples, concat, to_device
 from avcl.engine import distributed
 
 
@@ -18,22 +18,22 @@ def _correct(predict: Callable[[Samples], torch.Tensor], data: Samples, batch_si
              task_bounds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(TAg, TAw) per-sample correctness (N,) float on the CPU; TAw is None without ``task_bounds``
     ((num_classes, 2): the [start, end) label range of each class's task)."""
-    tag, taw = [], []
     bounds = task_bounds.to(device) if task_bounds is not None else None
-    for batch in distributed.eval_batches(data, batch_size):  # several processes: this rank's share
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def correct(batch: Samples) -> dict[str, torch.Tensor]:
+        batch = to_device(batch, device)
         with autocast():
             scores = predict(batch)
         labels = batch["label"]
-        tag.append((scores.argmax(dim=1) == labels).cpu())
+        out = {"tag": (scores.argmax(dim=1) == labels).float().cpu()}
         if bounds is not None:
             start, end = bounds[labels].unbind(1)
             columns = torch.arange(scores.shape[1], device=scores.device)
             own_task = (columns >= start[:, None]) & (columns < end[:, None])
-            taw.append((scores.masked_fill(~own_task, float("-inf")).argmax(dim=1) == labels).cpu())
-    n = num_samples(data)
-    tag_all = distributed.join_eval(torch.cat(tag).float(), n, batch_size)
-    return tag_all, (distributed.join_eval(torch.cat(taw).float(), n, batch_size) if bounds is not None else None)
+            out["taw"] = (scores.masked_fill(~own_task, float("-inf")).argmax(dim=1) == labels).float().cpu()
+        return out
+    both = distributed.eval_pass(correct, data, batch_size)  # several processes: sharded
+    return both["tag"], both.get("taw")
 
 
 def correct_predictions(predict: Callable[[Samples], torch.Tensor], data: Samples, batch_size: int,

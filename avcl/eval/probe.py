@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avcl.data.samples import Samples, num_samples
+from avcl.data.samples import Samples, to_device
 from avcl.engine import distributed
 
 
@@ -35,12 +35,10 @@ class ProbeHead(nn.Module):
 def embed_all(embed: Callable[[Samples], torch.Tensor], data: Samples, batch_size: int, device,
               autocast) -> torch.Tensor:
     """Features of every row of ``data`` (float32, on ``device``), batched."""
-    out = []
-    for batch in distributed.eval_batches(data, batch_size):  # several processes: this rank's share
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    def features(batch: Samples) -> torch.Tensor:
         with autocast():
-            out.append(embed(batch).float())
-    return distributed.join_eval(torch.cat(out), num_samples(data), batch_size)
+            return embed(to_device(batch, device)).float()
+    return distributed.eval_pass(features, data, batch_size)  # several processes: sharded
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -87,15 +85,11 @@ def modality_features(model, data: Samples, batch_size: int, device, autocast) -
     """Per-modality frozen features of every row (``model.embed``'s "audio" / "video", and "features"),
     float32 on the CPU, in eval mode."""
     model.eval()
-    out: dict[str, list] = {}
-    for batch in distributed.eval_batches(data, batch_size):  # several processes: this rank's share
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    def features(batch: Samples) -> dict[str, torch.Tensor]:
         with autocast():
-            emb = model.embed(batch)
-        for key in ("audio", "video", "features"):
-            if key in emb:
-                out.setdefault(key, []).append(emb[key].float().cpu())
-    return {key: distributed.join_eval(torch.cat(parts), num_samples(data), batch_size) for key, parts in out.items()}
+            emb = model.embed(to_device(batch, device))
+        return {key: emb[key].float().cpu() for key in ("audio", "video", "features") if key in emb}
+    return distributed.eval_pass(features, data, batch_size)  # several processes: sharded
 
 
 def _fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

@@ -132,15 +132,13 @@ class AVCIL(Method):
 
     def teacher_pass(self, samples, attention: bool) -> dict[str, torch.Tensor]:
         """The teacher's logits for ``samples``, and with ``attention`` its spatial / temporal maps."""
-        parts, size = [], self.cfg.eval.batch_size
-        for batch in distributed.eval_batches(samples, size):  # several processes: this rank's share
+        def outputs(batch) -> dict[str, torch.Tensor]:
             rows = torch.arange(num_samples(batch), device=batch["label"].device) if attention else None
             out = self.old_model(batch, attention_rows=rows)
-            parts.append({"logits": out["logits"].float()} if not attention else {
+            return {"logits": out["logits"].float()} if not attention else {
                 "logits": out["logits"].float(), "spatial_attention": out["spatial_log_attention"].exp(),
-                "temporal_attention": out["temporal_attention"].float()})
-        return {key: distributed.join_eval(torch.cat([p[key] for p in parts]), num_samples(samples), size)
-                for key in parts[0]}
+                "temporal_attention": out["temporal_attention"].float()}
+        return distributed.eval_pass(outputs, samples, self.cfg.eval.batch_size)  # several processes: sharded
 
     @torch.no_grad()
     def teacher_outputs(self, batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:

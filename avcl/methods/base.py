@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avcl.data.samples import Samples, num_samples
+from avcl.data.samples import Samples
 from avcl.engine import distributed
 from avcl.memory.buffer import ExemplarMemory
 from avcl.errors import AvclError
@@ -171,11 +171,11 @@ class Method(ABC):
     @torch.no_grad()
     def embed_features(self, samples: Samples) -> torch.Tensor:
         """Fused features of ``samples`` in eval mode, batched (several processes: sharded like evaluation)."""
-        was_training, size = self.model.training, self.cfg.eval.batch_size
+        was_training = self.model.training
         self.model.eval()
-        feats = [self.model.embed(b)["features"].float() for b in distributed.eval_batches(samples, size)]
+        feats = distributed.eval_pass(lambda b: self.model.embed(b)["features"].float(), samples, self.cfg.eval.batch_size)
         self.model.train(was_training)
-        return distributed.join_eval(torch.cat(feats), num_samples(samples), size)
+        return feats
 
 
 def distillation_kl(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float) -> torch.Tensor:
