@@ -2,4 +2,5 @@ import sys
 
 from avcl.cli import main
 
+
 sys.exit(main())

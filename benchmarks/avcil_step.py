@@ -41,10 +41,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from avcl.config import load_config
 from avcl.data.avcil_official import (AUDIO_FILE, VISUAL_H5_FILE, load_pickled_npy, read_protocol,
                                       write_synthetic_layout)
-from avcl.data.samples import to_device
+from avcl.core.samples import to_device
 from avcl.engine.peak_memory import PeakMemory
 from avcl.engine.runner import build_method, make_scenario
-from avcl.engine.trainer import Trainer, autocast_factory, keep_cpu_heap, make_optimizer
+from avcl.engine.trainer import Trainer, make_optimizer
+from avcl.core.device import autocast_factory, keep_cpu_heap
 
 EPOCHS = 3  # each design runs three epochs; the faster of the last two is reported (the first warms up)
 

@@ -27,7 +27,7 @@ import av
 import numpy as np
 
 from avcl.media.decode import DecodeOptions, decode_clip, output_size
-from avcl.media.extract import prepare
+from avcl.apps.extract import prepare
 from avcl.media.frontend import AudioFrontend, audio_features
 
 OPTS = DecodeOptions(frames=16, size=112, sample_rate=16000)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from avcl.config import load_config
 from avcl.data import build_dataset
 from avcl.data.scenario import class_incremental
-from avcl.engine.trainer import Trainer, autocast_factory, pick_device
+from avcl.engine.trainer import Trainer
+from avcl.core.device import autocast_factory, pick_device
 from avcl.methods import METHODS
 from avcl.models import AVNet
 

@@ -50,7 +50,8 @@ def measure(args) -> dict:
     from avcl.data.scenario import Task
     from avcl.engine.peak_memory import PeakMemory, rss_bytes
     from avcl.engine.runner import build_method
-    from avcl.engine.trainer import autocast_factory, make_optimizer
+    from avcl.core.device import autocast_factory
+    from avcl.engine.trainer import make_optimizer
 
     torch.manual_seed(0)
     if args.threads:

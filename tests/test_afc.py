@@ -8,7 +8,7 @@ import torch
 import avcl.engine.runner as runner
 from avcl.config import load_config
 from avcl.engine.runner import build_method, execute, make_scenario
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.methods.afc import kmeans, nca_loss
 from avcl.models.heads import LSCClassifier
 from conftest import TINY, run_cli

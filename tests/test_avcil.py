@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from avcl.config import ModelConfig, load_config
 from avcl.engine.runner import build_method, execute, make_scenario
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.methods.avcil import attention_kl, class_contrastive, instance_contrastive
 from avcl.models import build_model
 from avcl.models.avcil import audio_guided_attention

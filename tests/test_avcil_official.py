@@ -10,7 +10,7 @@ import torch
 from avcl.data import build_dataset
 from avcl.data.avcil_official import (AUDIO_FILE, FOLDERS, VISUAL_H5_FILE, AVCILOfficialOptions,
                                       load_pickled_npy, read_protocol, write_synthetic_layout)
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from conftest import needs_data
 
 

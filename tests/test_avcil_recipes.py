@@ -9,7 +9,7 @@ from avcl.data import build_dataset
 from avcl.data.avcil_official import STORE_FILE, AVCILOfficialOptions, write_synthetic_layout
 from avcl.data.store import open_store
 from avcl.engine.runner import execute
-from avcl.eval.report import report
+from avcl.report.tables import report
 from conftest import run_cli
 
 

@@ -7,7 +7,7 @@ import torch
 from avcl.config import load_config
 from avcl.data import build_dataset
 from avcl.data.features import require_raw
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from conftest import needs_data
 
 pytestmark = needs_data

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from avcl.config import ModelConfig, build_config
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.models import build_model
 from avcl.models.avm import matching_pairs
 from avcl.models.cav import CAVModel

@@ -5,9 +5,9 @@ from omegaconf import OmegaConf
 
 from avcl.config import ModelConfig
 from avcl.data import AVDataset
-from avcl.data.samples import batches, num_samples
+from avcl.core.samples import batches, num_samples
 from avcl.data.scenario import class_incremental, task_sizes
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.memory.buffer import ExemplarMemory, herding
 from avcl.models import AVNet
 from avcl.models.heads import IncrementalClassifier

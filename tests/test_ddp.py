@@ -135,7 +135,7 @@ def _gathered_losses(rank: int, port: int, results) -> None:
     torch.set_num_threads(1)
     from types import SimpleNamespace
 
-    from avcl.engine import distributed
+    from avcl import parallel as distributed
     from avcl.nn.losses import info_nce, update_center
     distributed.setup(SimpleNamespace(device="cpu", dist_timeout=60))
     try:
@@ -174,8 +174,8 @@ def _avcil_step(rank: int) -> dict:
     """AV-CIL's loss and gradients on one global batch of task 1 (20 new + 16 replayed rows): one process's
     vs the mean over 2 ranks of their slices (10 + 8 rows each, D-AVSC candidates gathered)."""
     from avcl.config import load_config
-    from avcl.data.samples import concat, select
-    from avcl.engine import distributed
+    from avcl.core.samples import concat, select
+    from avcl import parallel as distributed
     from avcl.engine.runner import build_method, make_scenario
     from avcl.engine.trainer import flagged
     from test_avcil import AVCIL_SYNTH

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import avcl.media.extract as ex
+import avcl.apps.extract as ex
 from avcl.config import load_config
 from avcl.data import build_dataset
 from avcl.data.features import require_raw
 from avcl.data.store import FAILED, WRITTEN, open_store
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.media.decode import decode_clip
 from avcl.media.encode import write_clip
 from avcl.media.frontend import audio_features

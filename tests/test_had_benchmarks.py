@@ -8,7 +8,7 @@ from avcl.config import load_config
 from avcl.data import build_dataset
 from avcl.data.store import create_store
 from avcl.engine.runner import execute
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 
 SNIPPETS, DA, DV = 10, 6, 8
 FAST = ["train.epochs=25", "train.lr=0.003", "model.embed_dim=16", "model.feature_dim=16", "train.batch_size=16",

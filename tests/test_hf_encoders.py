@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-import avcl.media.extract as ex
+import avcl.apps.extract as ex
 from avcl.data.store import open_store
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.media.manifests import read_dataset
 from tests.conftest import run_cli
 from tests.test_extract import make_clips

@@ -140,7 +140,7 @@ def test_window_of_long_clip_seeks():
 
 
 def test_numpy_fbank_matches_kaldi_native_fbank_and_covers_audiomae_settings():
-    from avcl.data.audio import kaldi_fbank
+    from avcl.media.audio import kaldi_fbank
     from avcl.media.frontend import numpy_kaldi_fbank
     wave = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
     for rate, bins, window in ((11430, 128, "hanning"), (16000, 64, "povey"), (8000, 40, "hamming")):

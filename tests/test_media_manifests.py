@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.media.manifests import detect_kind, read_dataset
 from tests.conftest import DATA_DIR, needs_data
 

@@ -69,7 +69,8 @@ def test_ewc_penalty_grows_with_distance_from_the_anchor():
     import torch
 
     from avcl.engine.runner import build_method, make_scenario
-    from avcl.engine.trainer import Trainer, autocast_factory
+    from avcl.engine.trainer import Trainer
+    from avcl.core.device import autocast_factory
 
     cfg = load_config("synthetic", TINY + ["methods=[ewc]", "train.epochs=2"])
     scenario = make_scenario(cfg)

@@ -59,7 +59,7 @@ def test_init_stage_runs_once_and_every_method_starts_from_it(reference):
     execute(cfg, run_dir, show_progress=False)
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "init_start" for e in events) == 1
-    from avcl.eval.report import report
+    from avcl.report.tables import report
     table = report(run_dir)
     assert table.splitlines()[2].startswith("| init")  # the reference row comes first
 

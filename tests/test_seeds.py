@@ -73,7 +73,7 @@ def test_bad_sweep_input_is_one_message(args, message, tmp_path):
 
 
 def test_seed_runs_gathered_by_hand_report_like_a_sweep(sweeps, tmp_path):
-    from avcl.eval.report import report
+    from avcl.report.tables import report
     run_dir, stdout = sweeps[1]
     for seed in (0, 1):  # e.g. one cluster job per seed, each with --out RUN/seed-<s>
         shutil.copytree(run_dir / f"seed-{seed}", tmp_path / f"seed-{seed}")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from avcl.data import sources
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 
 REAL_DATA = os.environ.get("AVCL_DATA_DIR")
 SPEAKERS = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]

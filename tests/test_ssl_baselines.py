@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from avcl.config import build_config, method_hparams_for
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.memory.reservoir import ReservoirBuffer
 from avcl.methods import METHODS
 from avcl.methods.replay_ssl import LabelFreeMethod

@@ -1,4 +1,4 @@
-"""STELLA: patch scoring and selection (avcl/models/patch_selection.py) and the method's step."""
+"""STELLA: patch scoring and selection (avcl/methods/stella/selection.py) and the method's step."""
 import pytest
 import torch
 
@@ -6,9 +6,9 @@ from avcl.config import build_config
 from avcl.data import build_dataset
 from avcl.engine.runner import build_method
 from avcl.methods.stella import scatter_patches
-from avcl.models.patch_selection import (bernoulli_prune, candidate_mask, contiguous_audio_selection,
-                                         past_correlation, patch_importance, pooled_queries, top_k_selection,
-                                         weighted_sample_without_replacement)
+from avcl.methods.stella.selection import (bernoulli_prune, candidate_mask, contiguous_audio_selection,
+                                           past_correlation, patch_importance, pooled_queries, top_k_selection,
+                                           weighted_sample_without_replacement)
 
 
 def gen(seed=0):

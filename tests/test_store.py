@@ -6,7 +6,7 @@ import torch
 from avcl.config import load_config
 from avcl.data import build_dataset
 from avcl.data.store import FAILED, create_store, open_store
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 
 FIELDS = {"audio": ((4,), "float16"), "video": ((2, 3, 5), "float16")}
 

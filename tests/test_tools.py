@@ -113,7 +113,7 @@ def test_show_prints_the_resolved_config_and_each_methods_hyperparameters(capsys
 
 def test_every_method_hyperparameter_has_a_one_line_description():
     import dataclasses
-    from avcl.commands.show import field_descriptions
+    from avcl.cli.show import field_descriptions
     from avcl.methods import METHODS
     missing = [f"{name}.{f.name}" for name, cls in sorted(METHODS.items())
                for f in dataclasses.fields(cls.Hparams) if not field_descriptions(cls.Hparams).get(f.name)]
@@ -121,7 +121,7 @@ def test_every_method_hyperparameter_has_a_one_line_description():
 
 
 def test_field_descriptions_read_trailing_and_preceding_comments():
-    from avcl.commands.show import field_descriptions
+    from avcl.cli.show import field_descriptions
     from avcl.config import TrainConfig
     described = field_descriptions(TrainConfig)
     assert described["replay_batch_size"] == "memory samples added to each batch by replay methods"
@@ -254,7 +254,7 @@ def two_runs(tmp_path_factory):
 @needs_chromium
 def test_the_browser_check_sees_console_errors_and_broken_images(tmp_path):
     page = tmp_path / "broken.html"
-    from avcl.eval.html import _page
+    from avcl.report.html import _page
     page.write_text(_page("broken", '<img alt="bad" src="data:image/png;base64,AAAA"><script>nosuch();</script>'))
     dom, console = load_in_chromium(page, tmp_path)
     assert any("nosuch" in line for line in console) and any("image did not load: bad" in line for line in console)

@@ -14,7 +14,7 @@ optuna = pytest.importorskip("optuna", reason="avcl tune needs the [tune] extra 
 
 from avcl.cli import main  # noqa: E402
 from avcl.config import load_config  # noqa: E402
-from avcl.errors import AvclError  # noqa: E402
+from avcl.core.errors import AvclError# noqa: E402
 
 FAST = [*TINY, "train.epochs=2", "train.num_threads=1"]
 # lr=1e-9 learns nothing (chance), 3e-3 learns the synthetic classes: the planted best value
@@ -106,7 +106,7 @@ def test_the_search_never_lets_a_test_clip_reach_a_model(tmp_path, one_thread, m
 def test_validation_scenario_keeps_the_allowed_tasks_with_val_in_place_of_test():
     from avcl.data import build_dataset
     from avcl.data.scenario import from_config
-    from avcl.engine.tune import validation_scenario
+    from avcl.apps.tune import validation_scenario
     cfg = load_config("synthetic", [*TINY])
     full = from_config(build_dataset(cfg.data, None, cfg.seed), cfg)
     first = validation_scenario(full, cfg)
@@ -227,7 +227,7 @@ def test_file_overrides(tmp_path):
 
 
 def test_objectives_of_each_protocol():
-    from avcl.engine.tune import known_objectives, objective_name, objective_value
+    from avcl.apps.tune import known_objectives, objective_name, objective_value
     retrieval = load_config("pretrain/synthetic", ["methods=er"])
     assert objective_name(retrieval) == "retrieval_average" and "a2v_R@1" in known_objectives(retrieval)
     assert objective_value({"a2v_average": 0.2, "v2a_average": 0.4}, "retrieval_average") == pytest.approx(0.3)

@@ -107,7 +107,7 @@ def test_issue_example_lr_minus_one_exits_2_without_a_run_directory(tmp_path):
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     """One tiny store per output kind of ``avcl extract`` (12 clips, 2 classes)."""
-    import avcl.media.extract as ex
+    import avcl.apps.extract as ex
     from avcl.media.manifests import read_dataset
     from test_extract import RAW, SMALL, make_clips
     folder = tmp_path_factory.mktemp("stores")
@@ -194,7 +194,7 @@ def test_a_class_without_val_clips_when_others_have_some_is_refused():
     import torch
     from avcl.data import AVDataset
     from avcl.data.scenario import class_incremental
-    from avcl.errors import AvclError
+    from avcl.core.errors import AvclError
 
     def split(labels):
         return {"audio": torch.zeros(len(labels), 3), "label": torch.tensor(labels, dtype=torch.long)}
@@ -312,14 +312,14 @@ def test_avcil_ave_missing_files_mention_convert_features(tmp_path, capsys):
 
 
 def captured_figures(monkeypatch):
-    import avcl.eval.plots as plots
+    import avcl.report.plots as plots
     figures = {}
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.__setitem__(Path(path).name, fig))
     return figures
 
 
 def test_accuracy_plot_has_every_head_and_integer_ticks(monkeypatch):
-    from avcl.eval.plots import plot_accuracy_curves
+    from avcl.report.plots import plot_accuracy_curves
     figures = captured_figures(monkeypatch)
     results = {"icarl": {"step_accuracy": [0.9, 0.8, 0.7], "heads": {"fc": {"step_accuracy": [0.9, 0.7, 0.6]}}},
                "er": {"step_accuracy": [0.95, 0.8, 0.75], "heads": {}}}
@@ -331,7 +331,7 @@ def test_accuracy_plot_has_every_head_and_integer_ticks(monkeypatch):
 
 
 def test_heat_maps_are_labelled_by_the_classes_of_each_task(tmp_path, monkeypatch):
-    from avcl.eval.plots import plot_run
+    from avcl.report.plots import plot_run
     figures = captured_figures(monkeypatch)
     (tmp_path / "dataset.json").write_text(json.dumps({
         "class_names": ["seven", "two", "nine", "zero"], "class_order": [7, 2, 9, 0],

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-import avcl.media.extract as ex
+import avcl.apps.extract as ex
 from avcl.config import load_config
 from avcl.data import build_dataset
 from avcl.data.scenario import class_incremental
 from avcl.data.store import create_store
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.media.encode import write_clip
 from avcl.media.manifests import read_dataset
 from tests.conftest import DATA_DIR, needs_data

@@ -11,7 +11,7 @@ from avcl.config import build_config
 from avcl.data import build_dataset
 from avcl.engine import runner
 from avcl.engine.runner import build_method, execute
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.models import build_model
 from avcl.nn.distill import refine_weights, refined_pool
 from avcl.nn.ema import cosine_momentum
@@ -304,13 +304,26 @@ def test_probe_protocol_writes_the_three_accuracies_and_an_init_row(reference):
     init = json.loads((run_dir / "init" / "metrics.json").read_text())
     assert init["train_seconds"] == 0.0 and 0 <= init["probe_video_accuracy"] <= 1
     assert not (run_dir / "init" / "model.pt").exists()  # nothing trained
-    from avcl.eval.report import report
+    from avcl.report.tables import report
     text = report(run_dir)
     assert "video probe" in text and "| init" in text
 
 
 class Killed(Exception):
     pass
+
+
+def test_loss_terms_reach_epochs_csv(reference):
+    """XKD's terms (MAE reconstruction, cross-modal KD, domain alignment) are logged per epoch, and their
+    epoch means recombine into the epoch's loss with the method's weights: (5 rec + 1 kd + 1 da) / 7."""
+    import csv
+    run_dir, _, _ = reference
+    rows = list(csv.DictReader(open(run_dir / "xkd" / "epochs.csv")))
+    assert len(rows) == 4  # 2 tasks x 2 epochs
+    for row in rows:
+        rec, kd, da = (float(row[f"loss/{key}"]) for key in ("rec", "kd", "da"))
+        assert kd != 0 and da != 0
+        assert float(row["loss"]) == pytest.approx((5 * rec + kd + da) / 7, rel=1e-5)
 
 
 def test_killed_run_resumes_to_the_same_metrics(reference, tmp_path, monkeypatch):

@@ -1,11 +1,16 @@
-"""Datasets: each registered with its options dataclass and a builder returning an AVDataset."""
+"""Layer ``data``: datasets, feature stores and scenarios; imports ``core`` and ``media``.
+
+Each dataset is registered with its options dataclass (the ``data`` config section) and a builder returning
+an AVDataset; ``scenario`` splits one into tasks, ``store`` reads and writes the HDF5 feature stores."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable
 
-from avcl.data.samples import Samples
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
+from avcl.core.samples import Samples
 
 
 @dataclass
@@ -54,8 +59,6 @@ def build_dataset(options, data_root: str | None, seed: int) -> AVDataset:
 
 def _import_all() -> None:
     """Dataset modules register themselves on import; import every module of this package."""
-    import importlib
-    import pkgutil
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
 

@@ -23,11 +23,12 @@ from typing import List, Optional
 
 import numpy as np
 
+from avcl.core.errors import AvclError
+from avcl.core.options import option
 from avcl.data import AVDataset, register_dataset
 from avcl.data.features import check_fields, dataset_from_rows, resolve_store, stratified_pick
 from avcl.data.sources import find_under_roots
 from avcl.data.store import WRITTEN
-from avcl.errors import AvclError
 from avcl.media.manifests import read_ave, read_kinetics
 
 
@@ -55,8 +56,8 @@ class AVEOptions:
     store: str = "ave/snippets.h5"  # snippet features keyed by video id
     fields: Optional[List[str]] = None
     dtype: str = "float32"
-    val_fraction: float = 0.1  # only without official split files
-    test_fraction: float = 0.1
+    val_fraction: float = option(0.1, range="[0,1)")  # only without official split files
+    test_fraction: float = option(0.1, range="[0,1)")
     require_complete: bool = True
 
 
@@ -95,9 +96,9 @@ class AVKOptions:
     name: str = "avk"
     annotations: str = "kinetics400/annotations.csv"  # youtube_id,time_start,time_end,label,split
     store: str = "kinetics400/snippets.h5"
-    num_classes: int = 100  # AVK-100 / 200 / 400
+    num_classes: int = option(100, range=">=1")  # AVK-100 / 200 / 400
     class_selection: str = "seeded"  # seeded | alphabetical
-    val_fraction: float = 0.1  # of the train rows of each class
+    val_fraction: float = option(0.1, range="[0,1)")  # of the train rows of each class
     fields: Optional[List[str]] = None
     dtype: str = "float32"
     require_complete: bool = True

@@ -1,6 +1,6 @@
 """Dataset ``avcil_official``: AV-CIL's released features and protocol files, as the authors ship them.
 
-Layout (specs/supervised_methods.md 1.2), under ``data.root`` (the official repo's ``data/``
+Layout (as in ``weiguoPian/AV-CIL_ICCV2023``), under ``data.root`` (the official repo's ``data/``
 folder; default: the data root, ``--data-root`` / ``$AVCL_DATA_DIR``)::
 
     <dir>/category_encode_dict.npy       {class_name: class_index}; index order = class order
@@ -28,13 +28,15 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
+from avcl.core.errors import AvclError
 from avcl.data import AVDataset, register_dataset
-from avcl.data.features import torch_dtype
+from avcl.data.features import FeaturesOptions, build_features, torch_dtype
 from avcl.data.sources import data_roots
-from avcl.errors import AvclError
+
 
 FOLDERS = {"AVE": "AVE", "ksounds": "kinetics-sounds", "VGGSound_100": "VGGSound_100"}
 SPLITS = ("train", "val", "test")
@@ -157,7 +159,6 @@ class FeatureSource:
             self.visual_path = self.folder / VISUAL_DICT_FILE
             self.visual = _expect_dict(load_pickled_npy(self.visual_path), self.visual_path, "{video_id: array}")
         else:
-            import h5py
             self.visual_path = self.folder / VISUAL_H5_FILE
             if not self.visual_path.is_file():
                 raise AvclError(f"missing file: {self.visual_path}")
@@ -203,7 +204,6 @@ def build_avcil_official(opts: AVCILOfficialOptions, data_root: str | None, seed
     folder, protocol_folder = locate(opts, data_root)
     store = Path(opts.store).expanduser() if opts.store else folder / STORE_FILE
     if opts.store or store.is_file():
-        from avcl.data.features import FeaturesOptions, build_features
         dataset = build_features(FeaturesOptions(store=str(store), dtype=opts.dtype, val_fraction=0.0),
                                  data_root, seed)
         dataset.name = f"avcil_official/{opts.dataset}"
@@ -246,7 +246,6 @@ def write_synthetic_layout(root, dataset: str = "AVE", num_classes: int = 8,
     Each class has an audio prototype and a visual token prototype; a video is its class's
     prototypes plus Gaussian noise of std ``noise``. Returns ``root/<dir>``.
     """
-    import h5py
 
     rng = np.random.default_rng(seed)
     folder = Path(root) / FOLDERS[dataset]

@@ -30,12 +30,15 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from avcl.core.errors import AvclError
+from avcl.core.io import atomic_torch_save
+from avcl.core.options import option
 from avcl.data import AVDataset, register_dataset
-from avcl.data.audio import kaldi_fbank
 from avcl.data.features import stratified_pick
-from avcl.errors import AvclError
-from avcl.data.sources import (FSDD_URL, MNIST_URLS, default_cache_dir, list_fsdd, load_mnist_test,
-                               locate_fsdd, locate_mnist, read_wav)
+from avcl.data.sources import (FSDD_URL, MNIST_URLS, default_cache_dir, list_fsdd, load_mnist_test, locate_fsdd,
+                               locate_mnist, read_wav)
+from avcl.media.audio import kaldi_fbank
+
 
 FSDD_TEST_TAKES = 5  # official split: takes 0-4 are the test set
 
@@ -47,13 +50,13 @@ class AVDigitsOptions:
     fsdd_url: str = FSDD_URL
     mnist_images_url: str = MNIST_URLS["t10k-images-idx3-ubyte.gz"]
     mnist_labels_url: str = MNIST_URLS["t10k-labels-idx1-ubyte.gz"]
-    val_fraction: float = 0.1
-    clip_seconds: float = 1.0
-    mel_bins: int = 40
-    frame_shift_ms: float = 10.0
-    frames: int = 8
-    frame_size: int = 32
-    digit_size: int = 20  # MNIST digits are resized to this many pixels before pasting
+    val_fraction: float = option(0.1, range="[0,1)")
+    clip_seconds: float = option(1.0, range=">0")
+    mel_bins: int = option(40, range=">=1")
+    frame_shift_ms: float = option(10.0, range=">0")
+    frames: int = option(8, range=">=1")
+    frame_size: int = option(32, range=">=1")
+    digit_size: int = option(20, range=">=1")  # MNIST digits are resized to this many pixels before pasting
     # FSDD speakers kept out of the stream: train+val clips -> AVDataset.held_out, test clips dropped
     held_out_speakers: List[str] = field(default_factory=list)
     cache: bool = True
@@ -119,7 +122,6 @@ def build_avdigits(opts: AVDigitsOptions, data_root: str | None, seed: int) -> A
                + (f"; cached in {cache_path.parent} for the next runs" if opts.cache else ""), file=sys.stderr)
     dataset = _build(opts, recordings, mnist_dir, seed)
     if opts.cache:
-        from avcl.engine.checkpoint import atomic_torch_save
         atomic_torch_save({"name": dataset.name, "train": dataset.train, "val": dataset.val,
                            "test": dataset.test, "class_names": dataset.class_names,
                            "info": dataset.info, "held_out": dataset.held_out}, cache_path)

@@ -17,9 +17,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from avcl.core.errors import AvclError
+from avcl.core.options import option
 from avcl.data import AVDataset, register_dataset
+from avcl.data.sources import find_under_roots
 from avcl.data.store import WRITTEN, FeatureStore, open_store
-from avcl.errors import AvclError
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FLOATS = ("float16", "float32", "float64", "bfloat16")  # dtype names of float fields (numpy and torch)
@@ -38,13 +41,12 @@ class FeaturesOptions:
     store: str = ""  # path of the .h5 feature store
     fields: Optional[List[str]] = None  # None: every field of the store
     dtype: str = "float32"  # in memory: float32 | float16 | bfloat16
-    val_fraction: float = 0.1  # used only when the store has no "val" rows
+    val_fraction: float = option(0.1, range="[0,1)")  # used only when the store has no "val" rows
     require_complete: bool = True  # refuse a store whose extraction has not finished
 
 
 def resolve_store(path: str, data_root: str | None, require_complete: bool):
     """Open a store; a relative path is looked up under the data root first ($AVCL_DATA_DIR)."""
-    from avcl.data.sources import find_under_roots
     if not path:
         raise AvclError("data.store is empty: give the path of a feature store (data.store=PATH.h5)")
     store = open_store(find_under_roots(path, data_root))

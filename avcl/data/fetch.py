@@ -35,10 +35,11 @@ import sys
 import urllib.parse
 from pathlib import Path, PurePosixPath
 
-from avcl.data.sources import (_WAV_RE, FSDD_COUNT, FSDD_URL, MNIST_IMAGES, MNIST_LABELS, MNIST_URLS,
-                               _count_fsdd, _extract_fsdd, _fetch, _read_idx, _check_mnist, _scratch,
-                               file_sha256)
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
+from avcl.core.io import atomic_write_text, file_sha256
+from avcl.data.sources import (_WAV_RE, FSDD_COUNT, FSDD_URL, MNIST_IMAGES, MNIST_LABELS, MNIST_URLS, _check_mnist,
+                               _count_fsdd, _extract_fsdd, _fetch, _read_idx, _scratch)
+
 
 FSDD_RECORDINGS_SHA256 = "1801eae019c063377d98f831d3f93574f259475df7332bb0e3d1b080fb5e6959"
 MNIST_IDX_SHA256 = {
@@ -157,7 +158,6 @@ def _fetch_mnist(to: Path, origins: dict, expected: dict, progress: bool, quiet:
 
 
 def _write_manifest(to: Path) -> Path:
-    from avcl.engine.checkpoint import atomic_write_text
     files = sorted((to / "fsdd" / "recordings").glob("*.wav")) + [to / "mnist" / n for n in MNIST_URLS]
     lines = "".join(f"{file_sha256(f)}  {PurePosixPath(f.relative_to(to).as_posix())}\n" for f in files)
     atomic_write_text(to / MANIFEST, lines)

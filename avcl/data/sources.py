@@ -35,16 +35,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 
-
-def file_sha256(path, digest=None) -> str:
-    """SHA-256 of a file read in 4 MiB blocks; with ``digest``, feed it into that running hash."""
-    running = digest if digest is not None else hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            running.update(block)
-    return running.hexdigest()
 
 FSDD_URL = "https://github.com/Jakobovski/free-spoken-digit-dataset/archive/refs/tags/v1.0.10.tar.gz"
 MNIST_IMAGES = "t10k-images-idx3-ubyte.gz"

@@ -28,7 +28,8 @@ import h5py
 import numpy as np
 import torch
 
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
+
 
 FORMAT = "avcl-feature-store"
 VERSION = 1

@@ -11,21 +11,22 @@ from dataclasses import dataclass
 
 import torch
 
+from avcl.core.options import option
 from avcl.data import AVDataset, register_dataset
 
 
 @dataclass
 class SyntheticOptions:
     name: str = "synthetic"
-    num_classes: int = 10
-    train_per_class: int = 60
+    num_classes: int = option(10, range=">=1")
+    train_per_class: int = option(60, range=">=1")
     val_per_class: int = 10
-    test_per_class: int = 30
+    test_per_class: int = option(30, range=">=1")
     held_out_per_class: int = 0  # clips kept out of the stream (AVDataset.held_out, for the init stage)
-    audio_frames: int = 32
-    mel_bins: int = 20
-    frames: int = 4
-    frame_size: int = 16
+    audio_frames: int = option(32, range=">=1")
+    mel_bins: int = option(20, range=">=1")
+    frames: int = option(4, range=">=1")
+    frame_size: int = option(16, range=">=1")
     audio_noise: float = 2.0  # noise std relative to a unit-variance prototype
     video_noise: float = 2.6
 

@@ -1,4 +1,4 @@
-"""Dataset ``vggsound_stream``: the VGGSound continual pre-training stream of FLAVA/STELLA (specs A.9).
+"""Dataset ``vggsound_stream``: the VGGSound continual pre-training stream of FLAVA/STELLA (their ``split_vggsound.py``).
 
 Eight tasks by high-level category, in order: sports, music, vehicle, people, animals,
 home_nature, others_part1, others_part2; 20 classes per task, at most 400 training clips per
@@ -36,12 +36,14 @@ from typing import Dict, List
 
 import numpy as np
 
+from avcl.core.errors import AvclError
+from avcl.core.options import option
 from avcl.data import AVDataset, register_dataset
 from avcl.data.annotated import _store_rows
 from avcl.data.features import dataset_from_rows, require_raw, resolve_store, stratified_pick
 from avcl.data.sources import find_under_roots
-from avcl.errors import AvclError
 from avcl.media.manifests import read_vggsound
+
 
 TASKS = ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"]
 GROUPS = {"home_nature": ["home", "nature"], "others": ["others", "tools"]}
@@ -58,13 +60,13 @@ class VGGSoundStreamOptions:
     store: str = "vggsound/raw.h5"  # avcl extract --output raw of the videos of `csv`
     tasks: List[str] = field(default_factory=lambda: list(TASKS))
     groups: Dict[str, List[str]] = field(default_factory=lambda: {k: list(v) for k, v in GROUPS.items()})
-    classes_per_task: int = 20
+    classes_per_task: int = option(20, range=">=1")
     class_selection: str = "stat"  # stat: stat.csv order (by clip count) | seeded
     allow_fewer: bool = False  # a task with fewer usable classes: every task gets that many (else an error)
     min_train_per_class: int = 1  # a class is usable with this many training clips with audio in the store,
     min_test_per_class: int = 1  # and this many test clips
     max_train_per_class: int = 400
-    val_fraction: float = 0.0  # of each class's training clips
+    val_fraction: float = option(0.0, range="[0,1)")  # of each class's training clips
     max_held_out: int = 20000  # training clips of the other classes kept for the init stage (0: none)
     dtype: str = "float16"  # audio in memory (frames stay uint8)
     require_complete: bool = True

@@ -17,22 +17,25 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from avcl import parallel
+from avcl.core.device import autocast_factory
+from avcl.core.errors import AvclError
+from avcl.core.io import atomic_torch_save, atomic_write_json
+from avcl.core.rng import seed_everything
 from avcl.data.scenario import Task
-from avcl.engine import distributed
-from avcl.engine.checkpoint import atomic_torch_save, atomic_write_json, seed_everything
 from avcl.engine.peak_memory import PeakMemory
-from avcl.engine.trainer import Trainer, autocast_factory
-from avcl.errors import AvclError
+from avcl.engine.trainer import Trainer
 from avcl.eval.protocols import make_protocol, method_metrics
 from avcl.methods import METHODS
 from avcl.methods.base import Method
 from avcl.models import build_model
 
+
 INIT = "init"
 
 
 class AVMStage(Method):
-    """The AVM module's own pre-training (spec A.4): matching loss, backbone frozen."""
+    """The AVM module's own pre-training (the STELLA code's `models/avm_module.py`): matching loss, backbone frozen."""
     name = "avm-stage"
 
     def parameters(self):
@@ -91,8 +94,8 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
     out = run_dir / INIT
     model_path, metrics_path = out / "model.pt", out / "metrics.json"
     trained, evaluated = model_path.is_file(), metrics_path.is_file()
-    distributed.barrier("starting the init stage")  # every rank has read the files before rank 0 writes them
-    main = distributed.is_main()  # several processes: rank 0 alone writes
+    parallel.barrier("starting the init stage")  # every rank has read the files before rank 0 writes them
+    main = parallel.is_main()  # several processes: rank 0 alone writes
     seed_everything(cfg.seed)
     model = build_model(cfg.model, scenario.tasks[0].train)
     seconds, peak_mib = 0.0, 0.0
@@ -147,7 +150,7 @@ def evaluate_untrained(cfg: DictConfig, scenario, run_dir: Path, device: torch.d
     """``init.row`` without an init stage: the report's ``init`` row is the untrained model (built as every
     method builds its own: seeded with ``seed``), evaluated once by the run's protocol (``init/metrics.json``)."""
     metrics_path = run_dir / INIT / "metrics.json"
-    distributed.barrier("evaluating the untrained model")  # every rank sees the same metrics file, or none
+    parallel.barrier("evaluating the untrained model")  # every rank sees the same metrics file, or none
     if metrics_path.is_file():
         return
     seed_everything(cfg.seed)
@@ -157,7 +160,7 @@ def evaluate_untrained(cfg: DictConfig, scenario, run_dir: Path, device: torch.d
     holder = METHODS["finetune"](model, METHODS["finetune"].Hparams(), cfg)  # the protocol reads its .model
     summary = protocol.after_task(holder, scenario.tasks, record)
     protocol.finish(holder, record)
-    if not distributed.is_main():  # every rank evaluated its share (sharded evaluation); rank 0 alone writes
+    if not parallel.is_main():  # every rank evaluated its share (sharded evaluation); rank 0 alone writes
         return
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(metrics_path, method_metrics(INIT, record, protocol, scenario, 1, True))

@@ -19,17 +19,25 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import platform
+import subprocess
+import time
 from pathlib import Path
 
-from avcl.engine.checkpoint import atomic_write_text
-from avcl.errors import AvclError
+import torch
+
+import avcl
+from avcl.core.errors import AvclError
+from avcl.core.io import atomic_write_json, atomic_write_text
 
 
 def check_loggers(cfg) -> None:
     """Refuse ``log.tensorboard=true`` without the tensorboard package, before anything is written."""
     if cfg.log.tensorboard:
         try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - optional extra: avcl[tensorboard]
         except ImportError:
             raise AvclError("log.tensorboard=true needs the tensorboard package: pip install 'avcl[tensorboard]' "
                             "(or pip install tensorboard)") from None
@@ -95,7 +103,7 @@ class MethodLog:
         self.pending: dict | None = None  # the last epoch's row, until its val accuracy may join it
         self.writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional extra (avcl[tensorboard]), checked before
             self.writer = SummaryWriter(str(run_dir / "tensorboard" / name),
                                         purge_step=start_task * epochs_per_task if start_task else None)
 
@@ -141,14 +149,8 @@ class MethodLog:
 
 def environment_info(device) -> dict:
     """What the run ran on: versions, platform, device (RUN/environment.json; one entry per start or resume)."""
-    import os
-    import platform
-    import subprocess
-    import time
 
-    import torch
 
-    import avcl
     info = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "avcl": avcl.__version__,
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
@@ -167,8 +169,6 @@ def environment_info(device) -> dict:
 
 
 def record_environment(run_dir: Path, device) -> None:
-    import json
-    from avcl.engine.checkpoint import atomic_write_json
     path = run_dir / "environment.json"
     sessions = []
     if path.is_file():
@@ -177,3 +177,15 @@ def record_environment(run_dir: Path, device) -> None:
         except (json.JSONDecodeError, AttributeError):
             sessions = []
     atomic_write_json(path, {"sessions": sessions + [environment_info(device)]})
+
+
+class NoLog:
+    """What a rank other than 0 logs: nothing (rank 0 writes every method's logs)."""
+
+    def epoch(self, *args, **kwargs) -> None: ...
+
+    def val(self, *args, **kwargs) -> None: ...
+
+    def task(self, *args, **kwargs) -> None: ...
+
+    def close(self) -> None: ...

@@ -11,6 +11,7 @@ import threading
 
 import torch
 
+
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -19,7 +20,7 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * PAGE
     except OSError:  # not Linux: the peak so far is the best we have
-        import resource
+        import resource  # POSIX only, and only needed off Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -15,11 +15,12 @@ import time
 
 from tqdm.auto import tqdm
 
+from avcl import parallel
+
 
 def stage(message: str) -> None:
     """One start-up line on stderr (through tqdm, so an open bar stays intact); rank 0's alone."""
-    from avcl.engine import distributed
-    if not distributed.is_main():
+    if not parallel.is_main():
         return
     tqdm.write(f"avcl: {message}", file=sys.stderr)
     sys.stderr.flush()

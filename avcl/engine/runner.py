@@ -27,46 +27,26 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from avcl import parallel
 from avcl.config import method_hparams_for
+from avcl.core.device import autocast_factory, keep_cpu_heap, pick_device
+from avcl.core.io import atomic_torch_save, atomic_write_json
+from avcl.core.rng import rng_state, seed_everything, set_rng_state
+from avcl.core.samples import concat
 from avcl.data import build_dataset
-from avcl.data.features import require_raw
-from avcl.data.samples import concat
 from avcl.data.scenario import from_config as scenario_from_config, merged_task
-from avcl.engine.checkpoint import (atomic_torch_save, atomic_write_json, rng_state, seed_everything,
-                                    set_rng_state)
-from avcl.engine import distributed
-from avcl.engine.init_stage import check_init, run_init_stage, wants_init
-from avcl.engine.loggers import MethodLog, check_loggers, record_environment
+from avcl.engine.events import EventLog
+from avcl.engine.init_stage import run_init_stage, wants_init
+from avcl.engine.loggers import MethodLog, NoLog, record_environment
 from avcl.engine.peak_memory import PeakMemory
 from avcl.engine.progress import RunProgress, stage
-from avcl.engine.trainer import Trainer, autocast_factory, keep_cpu_heap, make_optimizer, pick_device
+from avcl.engine.trainer import Trainer, make_optimizer
 from avcl.eval.protocols import make_protocol, method_metrics
-from avcl.errors import AvclError
-from avcl.models import MODELS, build_model
-
-
-class EventLog:
-    """``events.jsonl``; ``listener(event, fields)``, if given, hears every event once it is written
-    (`avcl tune` reports a trial's objective to its pruner at each ``task_end``)."""
-
-    def __init__(self, path: Path, listener=None):
-        self.path, self.listener = path, listener
-        # a killed run may have left a torn last line: drop it before appending (rank 0 alone writes)
-        if path.is_file() and distributed.is_main():
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                path.write_bytes(data[:data.rfind(b"\n") + 1])
-
-    def __call__(self, event: str, **fields) -> None:
-        if not distributed.is_main():  # several processes: rank 0 alone writes
-            return
-        line = json.dumps({"time": round(time.time(), 3), "event": event, **fields})
-        with open(self.path, "a") as handle:  # one short append per event; a torn last line is dropped on resume
-            handle.write(line + "\n")
-        if self.listener is not None:
-            self.listener(event, fields)
+from avcl.memory import sharding
+from avcl.models import build_model
+from avcl.report.plots import plot_run
 
 
 def build_method(name: str, cfg: DictConfig, example) -> object:
@@ -84,7 +64,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
     ``progress``: the run's progress (advanced one step per epoch); None: this method's own.
     """
     out = run_dir / name
-    main = distributed.is_main()  # several processes: rank 0 alone writes; every rank reads
+    main = parallel.is_main()  # several processes: rank 0 alone writes; every rank reads
     if main:
         out.mkdir(parents=True, exist_ok=True)
     metrics_path, ckpt_path = out / "metrics.json", out / "checkpoint.pt"
@@ -93,7 +73,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         if done.get("complete"):
             return done
     resuming = ckpt_path.is_file()
-    distributed.barrier("starting a method")  # every rank has read the files before rank 0 writes them again
+    parallel.barrier("starting a method")  # every rank has read the files before rank 0 writes them again
     seed_everything(cfg.seed)
     method = build_method(name, cfg, scenario.tasks[0].train)
     if init_state is not None:
@@ -111,7 +91,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
             method.model.head.grow(state["model"]["head.fc.weight"].shape[0])
         method.model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
-        distributed.load_rank_memory(method, state)
+        sharding.load_rank_memory(method.memory, state, cfg.seed)
         if stream_optimizer:
             optimizer = make_optimizer(method.parameters(), cfg.train, method.hp.lr or cfg.train.lr)
             optimizer.load_state_dict(state["optimizer"])
@@ -124,7 +104,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         progress = RunProgress(len(tasks) * epochs, start_task * epochs, show_progress,
                                interval=cfg.log.progress_seconds)
     interactive = show_progress and progress.interactive
-    logs = MethodLog(run_dir, name, start_task, epochs, cfg.log.tensorboard) if main else distributed.NoLog()
+    logs = MethodLog(run_dir, name, start_task, epochs, cfg.log.tensorboard) if main else NoLog()
     log("method_start", method=name, start_task=start_task)
     for t in range(start_task, len(tasks)):
         task = tasks[t]
@@ -154,7 +134,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
                                          optimizer=optimizer if stream_optimizer else None)
         seconds = time.perf_counter() - started
         method.model.eval()
-        distributed.check_replicas(method, f"{name} task {t}")  # same model and memory on every rank
+        parallel.check_replicas(method.replicated_state(), f"{name} task {t}")  # same model and memory on every rank
         summary = protocol.after_task(method, seen, record)
         record["train_seconds"] += seconds
         record["task_seconds"].append(seconds)
@@ -162,7 +142,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         complete = t == len(tasks) - 1
         if complete:
             protocol.finish(method, record)
-        rank_memory = distributed.rank_memory(method)  # per-rank reservoirs (a collective: every rank)
+        rank_memory = sharding.rank_memory(method.memory)  # per-rank reservoirs (a collective: every rank)
         metrics = method_metrics(name, record, protocol, scenario, len(tasks), complete)
         if main:
             atomic_torch_save({"task": t, "model": method.model.state_dict(), "method": method.state_dict(),
@@ -181,7 +161,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
     if own_progress:
         progress.close()
     log("method_end", method=name)
-    distributed.barrier("ending a method")  # rank 0 has written metrics.json before any rank reads it
+    parallel.barrier("ending a method")  # rank 0 has written metrics.json before any rank reads it
     return json.loads(metrics_path.read_text())
 
 
@@ -199,56 +179,6 @@ def make_scenario(cfg: DictConfig, data_root: str | None = None):
     stage(f"building the scenario: {cfg.scenario.num_tasks} tasks "
           f"(data loaded in {time.perf_counter() - started:.1f} s)")
     return scenario_from_config(dataset, cfg)
-
-
-def check_run(cfg: DictConfig, scenario) -> None:
-    """Everything that can be refused before a run directory is written (AvclError, one message)."""
-    from avcl.eval.protocols import protocol_class
-
-    pick_device(cfg.train.device)  # CUDA asked for and absent: refused here
-    if getattr(MODELS.get(cfg.model.name), "label_free", False):  # pre-training trains the encoders on raw clips
-        require_raw(scenario.tasks[0].train, OmegaConf.select(cfg, "data.store") or f"dataset '{cfg.data.name}'")
-    protocol_class(cfg.eval.protocol).check(cfg, scenario)
-    model = build_model(cfg.model, scenario.tasks[0].train)  # data shapes vs model config, checkpoint files
-    check_init(cfg, scenario, model)
-    check_forward(cfg, model, scenario.tasks[0].train)
-    memory_methods = [name for name in cfg.methods if method_hparams_for(cfg, name)[0].memory_budget == "config"]
-    classes = len(scenario.class_order)
-    if memory_methods and not getattr(model, "label_free", False) and cfg.memory.size < classes:
-        raise AvclError(f"memory.size={cfg.memory.size} holds less than one exemplar per class for {classes} classes "
-                        f"(methods {', '.join(memory_methods)}): set memory.size >= {classes}")
-    check_loggers(cfg)
-    if getattr(model, "label_free", False):
-        train_rows = sum(len(t.train["label"]) for t in scenario.tasks)
-        if cfg.memory.size > train_rows:
-            raise AvclError(f"memory.size={cfg.memory.size} is larger than the whole stream ({train_rows} training "
-                            "clips): the reservoir could never fill; lower memory.size")
-
-
-def check_forward(cfg: DictConfig, model, samples) -> None:
-    """One forward pass of the model on two training clips (on the CPU, no gradients): any mismatch
-    between the data's shapes and the model config (``model.visual_grid``, encoders that expect raw
-    inputs fed features, ...) is refused here, before anything is written."""
-    from avcl.data.samples import num_samples, select
-    rows = select(samples, torch.arange(min(2, num_samples(samples))))
-    shapes = ", ".join(f"{k} {tuple(v.shape[1:])} {str(v.dtype).replace('torch.', '')}"
-                       for k, v in rows.items() if k in ("audio", "video"))
-    try:
-        with torch.no_grad():
-            model.eval()
-            model.embed(rows)
-    except AvclError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any failure here is the data not fitting the model config
-        raise AvclError(f"model.name={cfg.model.name} (audio_encoder={cfg.model.audio_encoder}, video_encoder="
-                        f"{cfg.model.video_encoder}) cannot read this data ({shapes} per clip): "
-                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. {FEATURE_HINT}") from None
-
-
-# Which recipe fits which store (README "From video files to results"; docs/extraction.md)
-FEATURE_HINT = ("Feature stores from `avcl extract` train with recipe `features` (--output clip, tokens, snippets, "
-                "avcil), `had/features` (snippets, HAD) or `files/avdigits` (avcil); --output raw stores with "
-                "the pretrain/ recipes")
 
 
 def planned_epochs(cfg: DictConfig, scenario, run_dir: Path) -> tuple[int, int]:
@@ -269,13 +199,12 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
             scenario=None, on_event=None) -> dict:
     """Run every method of ``cfg`` into ``run_dir``; returns method -> metrics.
     ``on_event(event, fields)``: hears every event of ``events.jsonl`` (EventLog's listener)."""
-    from avcl.eval.plots import plot_run
 
     if scenario is None:
         scenario = make_scenario(cfg, data_root)
-    dist = distributed.setup(cfg.train)  # under torchrun: join the process group (None in one process)
-    distributed.check_world(cfg)
-    main = distributed.is_main()  # rank 0 alone writes and shows progress
+    dist = parallel.setup(cfg.train)  # under torchrun: join the process group (None in one process)
+    parallel.check_world(cfg)
+    main = parallel.is_main()  # rank 0 alone writes and shows progress
     show_progress = show_progress and main
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +223,7 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
                        "test": len(t.test["label"])} for t in scenario.tasks],
             "info": scenario.info})
         record_environment(run_dir, device)
-    distributed.barrier("starting the run")  # every rank has read the run directory before rank 0 writes more
+    parallel.barrier("starting the run")  # every rank has read the run directory before rank 0 writes more
     total, done = planned_epochs(cfg, scenario, run_dir)
     with RunProgress(total, done, show_progress, interval=cfg.log.progress_seconds) as progress:
         if wants_init(cfg):

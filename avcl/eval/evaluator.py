@@ -9,8 +9,8 @@ from typing import Callable, Optional
 
 import torch
 
-from avcl.data.samples import Samples, concat, to_device
-from avcl.engine import distributed
+from avcl import parallel
+from avcl.core.samples import Samples, concat, to_device
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def _correct(predict: Callable[[Samples], torch.Tensor], data: Samples, batch_si
             own_task = (columns >= start[:, None]) & (columns < end[:, None])
             out["taw"] = (scores.masked_fill(~own_task, float("-inf")).argmax(dim=1) == labels).float().cpu()
         return out
-    both = distributed.eval_pass(correct, data, batch_size)  # several processes: sharded
+    both = parallel.eval_pass(correct, data, batch_size)  # several processes: sharded
     return both["tag"], both.get("taw")
 
 

@@ -6,6 +6,7 @@ accuracy on the test data of all tasks seen at step t (all samples pooled).
 """
 from __future__ import annotations
 
+
 FORGETTING_VARIANTS = ("standard", "avcil")
 
 
@@ -28,7 +29,7 @@ def forgetting_standard(matrix: list[list[float]]) -> float:
 
 
 def forgetting_avcil(matrix: list[list[float]]) -> float:
-    """AV-CIL's average forgetting (specs 1.9): mean over steps t >= 1 of
+    """AV-CIL's average forgetting (its code's ``detailed_test``; repo issue #8): mean over steps t >= 1 of
     F_t = (1/t) sum_{i<t} (max_{l in [i, t-1]} a_{l,i} - a_{t,i}). 0 for a single task."""
     steps = []
     for t in range(1, len(matrix)):

@@ -1,8 +1,8 @@
 """Linear probe of a frozen encoder: a small head trained on its features, accuracy on test clips.
 
-The head is FLAVA/STELLA's ``Finetune_head`` classifier on the 2D-wide joint feature (spec A.10):
+The head is FLAVA/STELLA's ``Finetune_head`` classifier on the 2D-wide joint feature (their code):
 a Linear + tanh pooler, then Linear(2D, 4D), LayerNorm, GELU, Linear(4D, classes) (the hidden
-width 2x the input is ours: the spec names the layers, not their widths). AdamW, linear warm-up then
+width 2x the input is ours: our notes on their code name the layers, not their widths). AdamW, linear warm-up then
 cosine decay, per step. Deviation: the encoder is frozen, so its features are computed once (no
 SpecAugment or noise on the inputs, which the authors' probe applies): the probe is deterministic
 and takes seconds. It runs under its own seeded RNG, so it never shifts the training stream's RNG.
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avcl.data.samples import Samples, to_device
-from avcl.engine import distributed
+from avcl import parallel
+from avcl.core.samples import Samples, to_device
 
 
 class ProbeHead(nn.Module):
@@ -38,7 +38,7 @@ def embed_all(embed: Callable[[Samples], torch.Tensor], data: Samples, batch_siz
     def features(batch: Samples) -> torch.Tensor:
         with autocast():
             return embed(to_device(batch, device)).float()
-    return distributed.eval_pass(features, data, batch_size)  # several processes: sharded
+    return parallel.eval_pass(features, data, batch_size)  # several processes: sharded
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -76,7 +76,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return float((predicted.cpu() == test_y.cpu()).float().mean())
 
 
-# ----- linear probes of frozen per-modality features (XKD's linear protocol, spec B.9) ---------------
+# ----- linear probes of frozen per-modality features (XKD's linear protocol, codes/eval/) ------------
 PROBE_SETS = {"video": ("video",), "audio": ("audio",), "av": ("audio", "video")}
 
 
@@ -89,7 +89,7 @@ def modality_features(model, data: Samples, batch_size: int, device, autocast) -
         with autocast():
             emb = model.embed(to_device(batch, device))
         return {key: emb[key].float().cpu() for key in ("audio", "video", "features") if key in emb}
-    return distributed.eval_pass(features, data, batch_size)  # several processes: sharded
+    return parallel.eval_pass(features, data, batch_size)  # several processes: sharded
 
 
 def _fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -97,11 +97,12 @@ def _fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     """A linear classifier (scikit-learn: standardised features, then LogisticRegression or LinearSVC with
     inverse regularisation ``c``) fitted on the train rows: top-1 accuracy on the test rows, or, for
     multi-label targets ((N, C) 0/1), the macro mean average precision (one-vs-rest)."""
+    # scikit-learn takes about 2 s to import: only the runs that fit a linear probe pay for it
+    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import average_precision_score
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.linear_model import LogisticRegression
     from sklearn.svm import LinearSVC
 
     if classifier == "svm":
@@ -124,7 +125,7 @@ def _fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 def fit_linear(*args, **kwargs) -> float:
     """``_fit_linear`` with BLAS on one thread: next to torch's OpenMP workers, multi-threaded BLAS in these
     small solves was 15x slower on a 2-core machine (2.3 s instead of 36 s for a 2430 x 192 problem)."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency, loaded with it (above)
     with threadpool_limits(1, user_api="blas"):
         return _fit_linear(*args, **kwargs)
 

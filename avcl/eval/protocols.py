@@ -12,7 +12,7 @@ the metrics of ``<method>/metrics.json``, and says how the report's table shows 
   set (``eval.retrieval_per_class`` test clips of every class, all tasks, learned or not), R@k and
   median rank per task in both directions (the retrieval matrices), then a linear probe of the
   frozen encoder on the labelled train/test data of every task (``eval.probe``).
-* ``probe``: XKD's linear protocol (spec B.9): linear classifiers (scikit-learn, ``eval.linear_*``) on the
+* ``probe``: XKD's linear protocol (its ``codes/eval/``): linear classifiers (scikit-learn, ``eval.linear_*``) on the
   frozen video features, audio features and both, trained on the train data of every task and tested on
   their test data, after the last task (``eval.probe=every_task``: after every task too).
 """
@@ -24,12 +24,13 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
-from avcl.data.samples import concat, select
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
+from avcl.core.samples import concat, select
 from avcl.eval.evaluator import accuracies_tag_taw, accuracy_per_task
 from avcl.eval.metrics import summarize
 from avcl.eval.probe import embed_all, linear_probe, linear_probes
 from avcl.eval.retrieval import DIRECTIONS, retrieval_scores, summarize_retrieval
+
 
 PROTOCOLS: dict[str, type] = {}
 
@@ -69,7 +70,8 @@ class Protocol(ABC):
 
     @staticmethod
     def check(cfg: DictConfig, scenario) -> None:
-        """Refuse a config this protocol cannot evaluate, before anything is written (AvclError)."""
+        """Refuse a config this protocol cannot evaluate on this data, before anything is written (AvclError);
+        the config's own values are checked by ``avcl.config.validate``."""
 
     @abstractmethod
     def new_record(self) -> dict:
@@ -172,13 +174,7 @@ class Retrieval(Protocol):
 
     @staticmethod
     def check(cfg, scenario):
-        recall_at = [int(k) for k in cfg.eval.recall_at]
-        if not recall_at or min(recall_at) < 1:
-            raise AvclError(f"bad config: 'eval.recall_at' must be a non-empty list of k >= 1, got {recall_at}")
-        if cfg.eval.probe not in ("end", "every_task", "none"):
-            raise AvclError(f"bad config: 'eval.probe' must be one of ['end', 'every_task', 'none'], got '{cfg.eval.probe}'")
-        if cfg.eval.retrieval_per_class < 1:
-            raise AvclError("bad config: 'eval.retrieval_per_class' must be >= 1")
+        recall_at = [int(k) for k in cfg.eval.recall_at]  # their values: avcl.config.validate
         retrieval, _ = retrieval_set(scenario, cfg.eval.retrieval_per_class)
         size = len(retrieval["label"])
         if max(recall_at) > size:

@@ -3,7 +3,7 @@
 A retrieval set holds N clips. ``similarity[i, j]`` is the cosine similarity of audio i and video j
 (L2-normalised embeddings). Audio->video: query audio i, the right answer is video i; video->audio:
 the transpose. Per-task scores restrict the queries to the task's clips but rank each against the
-whole retrieval set (FLAVA/STELLA's ``train_algo/retrieval.py``, spec A.10).
+whole retrieval set (FLAVA/STELLA's ``train_algo/retrieval.py``).
 
 Summaries over the retrieval matrix ``a[j][t]`` (metric on task t after learning task j, all T tasks
 evaluated after every task, learned or not):
@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from avcl.eval.metrics import forgetting_standard
+
 
 DIRECTIONS = ("a2v", "v2a")
 

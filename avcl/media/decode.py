@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
+from avcl.core.errors import AvclError
+
+
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 SAMPLINGS = ("uniform", "fps")
 MISSING_AUDIO = ("silent", "skip")
@@ -45,7 +48,6 @@ class DecodeOptions:
     truncated_tolerance: float = 0.9  # fail clips whose decoded video ends before this share of the window
 
     def check(self) -> None:
-        from avcl.errors import AvclError
         if self.sampling not in SAMPLINGS:
             raise AvclError(f"sampling must be one of {list(SAMPLINGS)}, got '{self.sampling}'")
         if self.missing_audio not in MISSING_AUDIO:

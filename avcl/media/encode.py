@@ -11,7 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from avcl.engine.checkpoint import file_mode
+from avcl.core.io import file_mode
 
 
 def write_clip(path, frames: np.ndarray, fps: int, audio: np.ndarray | None = None,

@@ -1,7 +1,7 @@
 """Audio front-ends for decoded waveforms: Kaldi filterbanks (AudioMAE / CAV-MAE / AV-CIL settings)
 or a plain log-mel spectrogram, padded or cut to a fixed number of frames and normalised.
 
-The Kaldi filterbank is kaldi-native-fbank (``avcl.data.audio.kaldi_fbank``), which matches
+The Kaldi filterbank is kaldi-native-fbank (``avcl.media.audio.kaldi_fbank``), which matches
 torchaudio's ``kaldi.fbank`` used by AudioMAE, CAV-MAE and AV-CIL; where it refuses the settings
 (mel bins narrower than an FFT bin, e.g. 128 bins at 16 kHz) a numpy port of torchaudio's
 computation is used instead (tested equal to kaldi-native-fbank where both work). The normalisation follows
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avcl.data.audio import kaldi_fbank
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
+from avcl.media.audio import kaldi_fbank
+
 
 KINDS = ("fbank", "logmel")
 

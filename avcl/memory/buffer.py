@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from avcl.data.samples import Samples, concat, num_samples, select
+from avcl.core.samples import Samples, concat, num_samples, select
+
 
 SELECTIONS = ("random", "herding")
 

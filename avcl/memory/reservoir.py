@@ -1,4 +1,4 @@
-"""Task-free reservoir buffer (continual_ssl_baselines.md §1.2), shared by every label-free method.
+"""Task-free reservoir buffer (as the STELLA code's ``utils/buffer.py``), shared by every label-free method.
 
 Every row offered counts as one presentation (``seen``); a clip met again in a later epoch is
 offered again. The first ``capacity`` rows fill slots 0, 1, ... in order; after that the row
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from avcl.data.samples import Samples
+from avcl.core.samples import Samples
 
 
 class ReservoirBuffer:

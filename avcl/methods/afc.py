@@ -1,6 +1,6 @@
 """AFC (Kang, Park, Han, CVPR 2022, "Class-Incremental Learning by Knowledge Distillation with
 Adaptive Feature Consolidation") as AV-CIL's official code runs it as a baseline
-(``AFC/train_incremental_afc.py``, ``model/layers.py``; specs/supervised_methods.md 1.8).
+(``AFC/train_incremental_afc.py``, ``model/layers.py``).
 
 Needs ``model.name=avcil`` (modalities [audio], [video] or [audio, video]). The method puts an
 LSC head (``avcl.models.heads.LSCClassifier``: ``proxies_per_class`` cosine proxies per class,
@@ -37,7 +37,7 @@ softmax attention over a class's proxies, learnable NCA scale) on ``model.head``
 * Evaluation: ``classifier`` = "lsc" (argmax of the head's class scores) or "nme" (iCaRL's
   nearest mean of exemplars); the other head is reported too (``heads`` in metrics.json).
 
-Deviations from the AFC paper (as the AV-CIL code, spec 1.8): the margin on every similarity;
+Deviations from the AFC paper (as AV-CIL's ``AFC/train_incremental_afc.py``): the margin on every similarity;
 no class-balanced fine-tuning stage; the importance is a per-sample scalar per site computed on
 every batch from the teacher, not a per-channel importance accumulated over the data after each
 task; the distillation is an L2 distance of normalised vectors, not PODNet's pooled distillation
@@ -62,12 +62,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from avcl.core.options import option
 from avcl.methods import register
-from avcl.methods.base import Hparams, Method
+from avcl.methods.base import Hparams, MemoryUse, Method
 from avcl.methods.icarl import NearestMeanHead
 from avcl.models.heads import LSCClassifier
 
-# The features distilled per modality set (spec 1.8; official AFC_train_out outputs).
+
+# The features distilled per modality set (AV-CIL's ``AFC/train_incremental_afc.py``; official AFC_train_out outputs).
 SITES = {("audio", "video"): ("visual_pooled", "audio_features", "visual_features"),
          ("audio",): ("audio_features",), ("video",): ("visual_features",)}
 
@@ -75,13 +77,13 @@ SITES = {("audio", "video"): ("visual_pooled", "audio_features", "visual_feature
 @dataclass
 class AFCHparams(Hparams):
     classifier: str = "lsc"  # lsc | nme (the other one is reported in heads)
-    proxies_per_class: int = 10  # cosine proxies per class of the LSC head (k-means centres at init)
+    proxies_per_class: int = option(10, range=">=1")  # cosine proxies per class of the LSC head (k-means centres at init)
     margin: float = 0.6  # NCA margin (official: on every similarity, where it cancels)
     margin_target_only: bool = False  # PODNet / original AFC: the margin on the target similarity only
-    scale: float = 1.0  # NCA scale, its initial value at every task
+    scale: float = option(1.0, range=">0")  # NCA scale, its initial value at every task
     learn_scale: bool = True  # the NCA scale is a trained parameter (false: fixed at scale)
     lam_disc: float = 0.5  # distillation weight; x √(k+1) at task k
-    kmeans_iters: int = 100  # at most this many Lloyd steps of the proxies' k-means
+    kmeans_iters: int = option(100, range=">=1")  # at most this many Lloyd steps of the proxies' k-means
 
 
 def nca_loss(similarities: torch.Tensor, labels: torch.Tensor, scale, margin: float,
@@ -125,9 +127,7 @@ class AFC(NearestMeanHead, Method):
     name = "afc"
     description = "AFC (AV-CIL's baseline): LSC head + NCA, importance-weighted feature distillation, herding"
     Hparams = AFCHparams
-    memory_budget = "config"
-    selection = "herding"
-    replay = "merge"
+    memory_use = MemoryUse("exemplars", selection="herding")
     requires_model = "avcil"
     own_head = "lsc"
 

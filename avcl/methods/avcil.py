@@ -1,4 +1,4 @@
-"""AV-CIL (Pian et al., ICCV 2023): SS-IL + D-AVSC + VAD (specs/supervised_methods.md 1.5).
+"""AV-CIL (Pian et al., ICCV 2023): SS-IL + D-AVSC + VAD (AV-CIL's ``ours/train_incremental_ours.py``).
 
 Needs ``model.name=avcil`` with both modalities. Memory: ``memory.size`` random exemplars,
 replayed as a separate batch (``train.replay_batch_size``) joined to every new-data batch.
@@ -32,27 +32,29 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from avcl.data.samples import num_samples
-from avcl.engine import distributed
-from avcl.errors import AvclError
+from avcl import parallel
+from avcl.core.errors import AvclError
+from avcl.core.options import option
+from avcl.core.samples import num_samples
 from avcl.methods import register
-from avcl.methods.base import Hparams, Method, taskwise_kd
-from avcl.methods.ssil import separated_softmax_ce
+from avcl.methods.base import Hparams, MemoryUse, Method
+from avcl.nn.cl_losses import separated_softmax_ce, taskwise_kd
+
 
 CLASS_NORMS = ("official", "paper")
 
 
 @dataclass
 class AVCILHparams(Hparams):
-    temperature: float = 2.0  # task-wise KD temperature
+    temperature: float = option(2.0, range=">0")  # task-wise KD temperature
     kd_weight: float = 1.0  # weight of the task-wise KD on the logits
     use_davsc: bool = True  # dual audio-visual similarity constraint
-    tau: float = 0.05  # D-AVSC temperature (both terms)
+    tau: float = option(0.05, range=">0")  # D-AVSC temperature (both terms)
     lambda_i: float = 0.5  # instance-aware weight (official: 0.5 AVE, 0.1 KS / VS100)
     lambda_c: float = 1.0  # class-aware weight
-    class_norm: str = "official"  # official (divide by B) | paper (Eq. 7: by the number of positives)
+    class_norm: str = option("official", choices=CLASS_NORMS)  # official (divide by B) | paper (Eq. 7: by the number of positives)
     use_vad: bool = True  # visual attention distillation on exemplars
-    vad_lambda: float = 0.5  # spatial share of VAD; temporal gets 1 - vad_lambda
+    vad_lambda: float = option(0.5, range="[0,1]")  # spatial share of VAD; temporal gets 1 - vad_lambda
     # compute the frozen teacher's outputs once per step (logits of every sample, attention maps
     # of the exemplars: memory x T x P x D floats) instead of in every batch; same numbers
     teacher_cache: bool = True
@@ -62,7 +64,7 @@ def instance_contrastive(audio: torch.Tensor, visual: torch.Tensor, tau: float) 
     """-(1/B) Σ_i log softmax_j(â_i·v̂_j / tau)[i]: audio anchors, the same video's visual positive.
 
     Several processes: the candidates are every rank's rows (gathered), the anchors this rank's."""
-    visual_all, offset = distributed.all_rows(visual.float())
+    visual_all, offset = parallel.all_rows(visual.float())
     similarity = audio.float() @ visual_all.T / tau
     return F.cross_entropy(similarity, offset + torch.arange(len(audio), device=audio.device))
 
@@ -73,8 +75,8 @@ def class_contrastive(audio: torch.Tensor, visual: torch.Tensor, labels: torch.T
 
     official: -(1/B) Σ_i (1/B) Σ_{j: y_j = y_i} log p_ij; paper (Eq. 7): (1/|P(i)|) instead of 1/B.
     """
-    visual_all, _ = distributed.all_rows(visual.float())  # several processes: every rank's candidates
-    labels_all, _ = distributed.all_rows(labels)
+    visual_all, _ = parallel.all_rows(visual.float())  # several processes: every rank's candidates
+    labels_all, _ = parallel.all_rows(labels)
     log_p = (audio.float() @ visual_all.T / tau).log_softmax(dim=1)
     positive = (labels[:, None] == labels_all[None, :]).float()
     per_anchor = (positive * log_p).sum(dim=1)
@@ -97,16 +99,11 @@ class AVCIL(Method):
     name = "avcil"
     description = "AV-CIL: SS-IL + audio-visual similarity constraints + visual attention distillation"
     Hparams = AVCILHparams
-    memory_budget = "config"
-    selection = "random"
-    replay = "separate"
+    memory_use = MemoryUse("exemplars", replay="separate")
     requires_model = "avcil"
 
     def __init__(self, model, hparams, cfg):
         super().__init__(model, hparams, cfg)
-        if hparams.class_norm not in CLASS_NORMS:
-            raise AvclError(f"method_args.avcil.class_norm must be one of {list(CLASS_NORMS)}, "
-                            f"got '{hparams.class_norm}'")
         if model.modalities != ["audio", "video"]:
             raise AvclError(f"method avcil needs model.modalities=[audio, video], got {model.modalities}")
         self.teacher: Optional[dict] = None  # the step's cached teacher outputs (training_data)
@@ -138,7 +135,7 @@ class AVCIL(Method):
             return {"logits": out["logits"].float()} if not attention else {
                 "logits": out["logits"].float(), "spatial_attention": out["spatial_log_attention"].exp(),
                 "temporal_attention": out["temporal_attention"].float()}
-        return distributed.eval_pass(outputs, samples, self.cfg.eval.batch_size)  # several processes: sharded
+        return parallel.eval_pass(outputs, samples, self.cfg.eval.batch_size)  # several processes: sharded
 
     @torch.no_grad()
     def teacher_outputs(self, batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:

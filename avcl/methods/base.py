@@ -3,22 +3,17 @@
 The engine calls, per task: ``before_task`` -> many ``training_loss`` steps -> ``after_task``,
 then evaluates with ``predict``. A method declares its hyperparameters as a dataclass
 (``Hparams``), which becomes the config section ``method_args.<name>`` (each field ends with a
-``# comment``: its one-line description, which ``avcl show`` prints), and says how it
-uses memory with three class attributes:
+``# comment``: its one-line description, which ``avcl show`` prints; ranges and choices sit on the
+field, ``avcl.core.options``), and says how it uses memory with one value, ``memory_use``
+(``MemoryUse``: kind, selection, replay). Besides:
 
-* ``memory_budget``: "config" (memory.size exemplars), "all" (keep everything: joint),
-  "reservoir" (a task-free reservoir of memory.size rows, filled by the method step by step) or None;
-* ``selection``: how exemplars are chosen ("random" or "herding");
-* ``replay``: how memory joins training: "merge" (one dataset with the new task's data),
-  "separate" (each batch of new data gets ``train.replay_batch_size`` memory samples) or
-  "step" (the method draws from its reservoir inside ``training_loss``; the trainer does nothing);
 * ``requires_model``: the ``model.name`` the method needs, if any (AV-CIL's, HAD's);
 * ``single_task``: train once on the union of all tasks (multitask upper bound), evaluate after it.
 
 Label-free models (``model.label_free``: the self-supervised encoders) have no classifier head
-and never see labels: the trainer removes ``label`` from their batches. A method with an
-exemplar memory ("config") gets a reservoir instead on such a model, since class-balanced
-exemplars need labels. Batches carry a boolean ``from_memory`` field telling replayed samples apart.
+and never see labels: the trainer removes ``label`` from their batches; an exemplar memory becomes
+a reservoir on them (``MemoryUse.on``). Batches carry a boolean ``from_memory`` field telling
+replayed samples apart.
 """
 from __future__ import annotations
 
@@ -28,52 +23,97 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from avcl.data.samples import Samples
-from avcl.engine import distributed
-from avcl.memory.buffer import ExemplarMemory
-from avcl.errors import AvclError
-from avcl.models import MODELS, AVNet
+from avcl.core.errors import AvclError
+from avcl.core.options import option
+from avcl.core.samples import Samples
+from avcl.memory import sharding
+from avcl.memory.buffer import SELECTIONS, ExemplarMemory
+from avcl.memory.reservoir import ReservoirBuffer
+from avcl.models import AVNet
+from avcl.parallel import eval_pass
+
+
+MEMORY_KINDS = (None, "exemplars", "all", "reservoir")
+REPLAYS = ("merge", "separate", "step")
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """How a method uses memory, declared once on its class.
+
+    * ``kind``: None (no memory); "exemplars" (``memory.size`` exemplars shared equally by the classes
+      seen, chosen after each task); "all" (every sample: the joint upper bound); "reservoir" (a task-free
+      reservoir of ``memory.size`` rows that the method fills and draws from step by step);
+    * ``selection``: how exemplars are chosen: "random" or "herding";
+    * ``replay``: how memory joins training: "merge" (one dataset with the new task's data), "separate"
+      (each batch of new data gets ``train.replay_batch_size`` memory samples) or "step" (the method
+      draws from its reservoir inside ``training_loss``; the trainer does nothing).
+    """
+    kind: Optional[str] = None
+    selection: str = "random"
+    replay: str = "merge"
+
+    def __post_init__(self):
+        if self.kind not in MEMORY_KINDS or self.selection not in SELECTIONS or self.replay not in REPLAYS:
+            raise ValueError(f"MemoryUse: kind must be one of {MEMORY_KINDS}, selection one of {SELECTIONS}, "
+                             f"replay one of {REPLAYS}; got {self}")
+
+    def on(self, label_free: bool) -> "MemoryUse":
+        """What this memory is on a model: on a label-free one, exemplars (class-balanced, so they need labels)
+        become a reservoir of ``memory.size`` rows the method replays itself (the label-free form of ER,
+        DER++, ... of the STELLA code's ``models/cl_methods/``); any other memory is as declared."""
+        return MemoryUse("reservoir", replay="step") if label_free and self.kind == "exemplars" else self
 
 
 @dataclass
 class Hparams:
-    epochs: Optional[int] = None  # overrides train.epochs for this method
-    lr: Optional[float] = None  # overrides train.lr for this method
+    epochs: Optional[int] = option(None, range=">=1")  # overrides train.epochs for this method
+    lr: Optional[float] = option(None, range=">0")  # overrides train.lr for this method
+
+    def check(self, prefix: str) -> None:
+        """Constraints between fields that no field's own rule can say (AvclError naming ``prefix``, the
+        section: ``method_args.<method>``); ``avcl.config.validate`` calls it for every method and variant."""
 
 
 class Method(ABC):
     name = "base"
     description = ""
     Hparams = Hparams
-    memory_budget: Optional[str] = None
-    selection = "random"
-    replay = "merge"
+    memory_use = MemoryUse()
     requires_model: Optional[str] = None  # a model.name the method needs (None: any model)
     single_task = False  # True: one task made of every task's data (multitask upper bound)
 
     def __init__(self, model: AVNet, hparams: Hparams, cfg):
-        if self.requires_model and not isinstance(model, MODELS[self.requires_model]):
-            raise AvclError(f"method '{self.name}' needs model.name={self.requires_model} (in the recipe, or for "
-                            f"one row: variants: {{my-{self.name}: {{method: {self.name}, model: "
-                            f"{{name: {self.requires_model}}}}}}})")
+        self.check_model(getattr(type(model), "model_name", type(model).__name__))
         self.model, self.hp, self.cfg = model, hparams, cfg
         self.task_ranges: list[tuple[int, int]] = []  # [start, end) labels of each task seen
         self.old_model: Optional[AVNet] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None  # set by the trainer (virtual steps read it)
         self.label_free = bool(getattr(model, "label_free", False))
-        if self.memory_budget == "reservoir" or (self.memory_budget == "config" and self.label_free):
-            from avcl.memory.reservoir import ReservoirBuffer
-            from avcl.engine import distributed
-            # several processes: one reservoir per rank with its share of the slots (spec A.8)
-            self.memory = ReservoirBuffer(distributed.memory_share(cfg.memory.size),
-                                          seed=distributed.memory_seed(cfg.seed))
-            self.replay = "step"
+        self.memory_use = type(self).memory_use.on(self.label_free)  # this model's form of the declared memory
+        kind = self.memory_use.kind
+        if kind == "reservoir":
+            # several processes: one reservoir per rank with its share of the slots (avcl.memory.sharding)
+            self.memory = ReservoirBuffer(sharding.memory_share(cfg.memory.size), seed=sharding.memory_seed(cfg.seed))
         else:
-            budget = {"config": cfg.memory.size, "all": None}.get(self.memory_budget)
-            self.memory = ExemplarMemory(budget, self.selection) if self.memory_budget else None
+            budget = cfg.memory.size if kind == "exemplars" else None
+            self.memory = ExemplarMemory(budget, self.memory_use.selection) if kind else None
+
+    @property
+    def replay(self) -> str:
+        """How memory joins training on this model: ``memory_use.replay`` (merge, separate or step)."""
+        return self.memory_use.replay
+
+    @classmethod
+    def check_model(cls, model_name: str) -> None:
+        """Refuse a model this method cannot train (``requires_model``): when the config is built, for every
+        method and variant, and again when a method is built on a model."""
+        if cls.requires_model and model_name != cls.requires_model:
+            raise AvclError(f"method '{cls.name}' needs model.name={cls.requires_model}, got model.name={model_name} "
+                            f"(in the recipe, or for one row: variants: {{my-{cls.name}: {{method: {cls.name}, "
+                            f"model: {{name: {cls.requires_model}}}}}}})")
 
     # ----- class bookkeeping -------------------------------------------------------------
     @property
@@ -173,24 +213,18 @@ class Method(ABC):
         """Fused features of ``samples`` in eval mode, batched (several processes: sharded like evaluation)."""
         was_training = self.model.training
         self.model.eval()
-        feats = distributed.eval_pass(lambda b: self.model.embed(b)["features"].float(), samples, self.cfg.eval.batch_size)
+        feats = eval_pass(lambda b: self.model.embed(b)["features"].float(), samples, self.cfg.eval.batch_size)
         self.model.train(was_training)
         return feats
 
-
-def distillation_kl(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton KD: T^2 * KL(softmax(old/T) || softmax(new/T)), averaged over the batch."""
-    return F.kl_div(F.log_softmax(new_logits / temperature, dim=1),
-                    F.log_softmax(old_logits / temperature, dim=1),
-                    reduction="batchmean", log_target=True) * temperature ** 2
-
-
-def taskwise_kd(new_logits: torch.Tensor, old_logits: torch.Tensor, task_ranges, temperature: float):
-    """SS-IL's task-wise KD: one softmax per old task, KL summed over tasks, mean over the batch."""
-    return sum(distillation_kl(new_logits[:, s:e], old_logits[:, s:e], temperature) for s, e in task_ranges)
+    def replicated_state(self) -> list:
+        """What every rank must hold alike after a task (compared by ``parallel.check_replicas``): the model's
+        weights and an exemplar memory. A reservoir is per rank by design (``avcl.memory.sharding``)."""
+        return [self.model.state_dict()] + ([self.memory.samples] if isinstance(self.memory, ExemplarMemory) else [])
 
 
 def reset_parameters(module: nn.Module) -> None:
     for layer in module.modules():
         if layer is not module and hasattr(layer, "reset_parameters"):
             layer.reset_parameters()
+

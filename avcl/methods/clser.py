@@ -1,4 +1,4 @@
-"""CLS-ER on a label-free model (continual_ssl_baselines.md §7): plastic and stable EMA models.
+"""CLS-ER on a label-free model (the STELLA code's ``models/cl_methods/clser.py``): plastic and stable EMA models.
 
 State: the working model, two frozen EMA copies of it (plastic P, stable S; made from the
 model's weights at the first task, i.e. after any init stage) and a global step counter t,
@@ -25,22 +25,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from avcl.engine import distributed
+from avcl import parallel
+from avcl.core.options import option
 from avcl.methods import register
 from avcl.methods.base import Hparams
-from avcl.methods.replay_ssl import (LabelFreeMethod, draw, embedding_mse, inputs_of, joined, prepare_current,
-                                     ssl_terms)
+from avcl.methods.replay_ssl import LabelFreeMethod, draw, inputs_of, joined, prepare_current, ssl_terms
+from avcl.nn.cl_losses import embedding_mse
 from avcl.nn.ema import ema_decay, ema_update
 
 
 @dataclass
 class CLSERHparams(Hparams):
     reg_weight: float = 0.1  # lambda: weight of the consistency MSE towards the EMA embeddings
-    plastic_model_update_freq: float = 0.8  # probability of a plastic EMA update per step
-    plastic_model_alpha: float = 0.999  # plastic EMA decay (after the 1 - 1/(t+1) warm-up)
-    stable_model_update_freq: float = 0.6  # probability of a stable EMA update per step
-    stable_model_alpha: float = 0.999  # stable EMA decay (after the warm-up)
-    temperature: float = 0.05  # of the audio-video matching softmax that selects the target
+    plastic_model_update_freq: float = option(0.8, range="[0,1]")  # probability of a plastic EMA update per step
+    plastic_model_alpha: float = option(0.999, range="[0,1]")  # plastic EMA decay (after the 1 - 1/(t+1) warm-up)
+    stable_model_update_freq: float = option(0.6, range="[0,1]")  # probability of a stable EMA update per step
+    stable_model_alpha: float = option(0.999, range="[0,1]")  # stable EMA decay (after the warm-up)
+    temperature: float = option(0.05, range=">0")  # of the audio-video matching softmax that selects the target
 
 
 @register
@@ -76,7 +77,7 @@ class CLSER(LabelFreeMethod):
 
     def update_emas(self) -> None:
         self.global_step += 1
-        with distributed.shared_random():  # several processes: every replica updates its EMAs alike
+        with parallel.shared_random():  # several processes: every replica updates its EMAs alike
             update_plastic = float(torch.rand(1)) < self.hp.plastic_model_update_freq
             update_stable = float(torch.rand(1)) < self.hp.stable_model_update_freq
         if update_plastic:

@@ -1,4 +1,4 @@
-"""DER++ on a label-free model (continual_ssl_baselines.md §4): ER plus a "dark knowledge" penalty.
+"""DER++ on a label-free model (the STELLA code's ``models/cl_methods/der_pp.py``): ER plus a "dark knowledge" penalty.
 
 Per step: draw ``train.replay_batch_size`` stored rows with their stored embeddings
 ``z_audio``/``z_video``; one CAV-MAE forward on [current; replay] gives the loss L and the
@@ -7,8 +7,8 @@ outputs) of every row. Loss = L + alpha * (MSE(z_a[replay], stored z_a) + MSE(z_
 stored z_v)), each mean over B_r x D elements (0 while the memory is empty). The current rows
 are then offered with their own ``z_*`` from this same forward, detached (before the update).
 
-Deviations: none from the STELLA code beyond ER's (one reservoir, stored on the training
-device). As the spec notes, the stored target was computed under another random mask, so the
+Deviations: none from the STELLA code beyond ER's (the reservoir is stored on the training
+device). As we read the code, the stored target was computed under another random mask, so the
 penalty has a noise floor. The embeddings are stored in the dtype the forward returns them
 (float32 after the modality LayerNorm, also under bf16 autocast; the code: fp16 autocast outputs).
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from avcl.methods import register
 from avcl.methods.base import Hparams
-from avcl.methods.replay_ssl import (LabelFreeMethod, draw, embedding_mse, joined, prepare_current,
-                                     ssl_terms)
+from avcl.methods.replay_ssl import LabelFreeMethod, draw, joined, prepare_current, ssl_terms
+from avcl.nn.cl_losses import embedding_mse
 
 
 @dataclass

@@ -4,18 +4,20 @@ Classifier models: ``memory.size`` exemplars, random selection, equal quota per 
 trainer joins ``train.replay_batch_size`` of them to each batch; cross-entropy over all seen
 classes on the joined batch.
 
-Label-free models (continual_ssl_baselines.md §3): the base class gives this method a task-free
+Label-free models (the STELLA code's ``models/cl_methods/er.py``, commit a20a5ea):
+the base class gives this method a task-free
 reservoir of ``memory.size`` prepared rows instead (replay "step": the trainer does no replay).
 Per step: draw ``train.replay_batch_size`` stored rows uniformly (none while the memory is
-empty), one CAV-MAE forward on [current; replay] (one shared mean, §1.3), then offer the
-current rows to the reservoir. Deviations: one reservoir for the whole run (the STELLA code
-keeps one of memory/4 per GPU rank, each with its rank's shard); it stores prepared inputs on
-the training device in their own dtype (the code: float32 arrays on the CPU).
+empty), one CAV-MAE forward on [current; replay] (one shared mean, as the STELLA code's ``models/cav.py`` loss),
+then offer the
+current rows to the reservoir. As the STELLA code, one reservoir per process (rank), each with
+``memory.size`` / W slots (``avcl.memory.sharding``). Deviation: it stores prepared inputs on the
+training device in their own dtype (the code: float32 arrays on the CPU).
 """
 import torch.nn.functional as F
 
 from avcl.methods import register
-from avcl.methods.base import Method
+from avcl.methods.base import MemoryUse, Method
 from avcl.methods.replay_ssl import draw, joined, logged_ssl_loss, prepare_current
 
 
@@ -23,9 +25,7 @@ from avcl.methods.replay_ssl import draw, joined, logged_ssl_loss, prepare_curre
 class ER(Method):
     name = "er"
     description = "experience replay with a class-balanced random exemplar memory (reservoir when label-free)"
-    memory_budget = "config"
-    selection = "random"
-    replay = "separate"
+    memory_use = MemoryUse("exemplars", replay="separate")
 
     def training_loss(self, batch):
         if not self.label_free:

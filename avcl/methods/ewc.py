@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from avcl.data.samples import batches
+from avcl.core.options import option
+from avcl.core.samples import batches
 from avcl.methods import register
 from avcl.methods.base import Hparams, Method
 
@@ -20,8 +21,8 @@ from avcl.methods.base import Hparams, Method
 @dataclass
 class EWCHparams(Hparams):
     ewc_lambda: float = 5000.0  # lambda: weight of the Fisher penalty (x 1/2)
-    gamma: float = 1.0  # Fisher decay per task: 1 = sum over tasks, < 1 = online EWC
-    fisher_batch_size: int = 32  # mini-batch size of the Fisher estimate after a task
+    gamma: float = option(1.0, range="[0,1]")  # Fisher decay per task: 1 = sum over tasks, < 1 = online EWC
+    fisher_batch_size: int = option(32, range=">=1")  # mini-batch size of the Fisher estimate after a task
 
 
 def _overlap(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

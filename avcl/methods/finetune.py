@@ -1,8 +1,8 @@
 """Fine-tuning (lower bound): train on each task in turn, no memory, no distillation.
 
 Classifier models: cross-entropy over all seen classes on the current task only.
-Label-free models (continual_ssl_baselines.md §2): the CAV-MAE loss of the current batch,
-``model.ssl_loss(model.prepare(batch, train=True))["loss"]``. No deviation from the spec (the
+Label-free models (the STELLA code's ``Finetune``, ``finetune.py``): the CAV-MAE loss of the current batch,
+``model.ssl_loss(model.prepare(batch, train=True))["loss"]``. No deviation from the STELLA code (the
 STELLA yaml's ``alpha: 1.0`` is unused there and has no counterpart here).
 """
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""GMED on a label-free model (continual_ssl_baselines.md §6): edit replayed rows before replaying them.
+"""GMED on a label-free model (the STELLA code's ``models/cl_methods/gmed.py``): edit replayed rows before replaying them.
 
 Per step, once the memory holds rows: draw B_r = ``train.replay_batch_size`` stored rows X_m
 (prepared audio and video). With X_m as leaves that require grad:
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from avcl.core.options import option
 from avcl.methods import register
 from avcl.methods.base import Hparams
 from avcl.methods.replay_ssl import INPUTS, LabelFreeMethod, draw, joined, logged_ssl_loss, prepare_current
@@ -39,7 +40,7 @@ from avcl.nn.optim import virtual_step
 class GMEDHparams(Hparams):
     grad_stride: float = 0.1  # alpha: step size of the edit
     reg_strength: float = 0.05  # beta: weight of the pre-update loss gradient in the direction
-    edit_decay: float = 1.0  # gamma: edits scaled by (1 - gamma) ** age
+    edit_decay: float = option(1.0, range="[0,1]")  # gamma: edits scaled by (1 - gamma) ** age
     count_edits: bool = False  # false: age stays 0 (STELLA's code); true: age = edits of the slot (GMED's)
 
 

@@ -1,7 +1,7 @@
 """HAD (reconstructed): Hierarchical Augmentation and Distillation (Zuo et al., TPAMI 2024).
 
 HAD has no public code and its full text was not available: what is known comes from the
-abstract (see docs/had.md and specs/had_and_avcil_paper_notes.md part 1). Known: exemplar
+abstract (see docs/had.md and the HAD paper's abstract, arXiv 2401.06287). Known: exemplar
 memory, no task id; HAM, a *segmental feature augmentation* of stored past data at both
 model levels; HDM, *logical* distillation at video and distribution level (with class
 "proxies") and *correlative* distillation at snippet and video level. Everything else below
@@ -22,16 +22,18 @@ is OUR reconstruction, each piece switchable:
   the old model sees the exemplars un-augmented. Random exemplars, replayed as a separate batch.
 All weights are ours (the paper's are unknown).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List
 
 import torch
 import torch.nn.functional as F
 
-from avcl.data.samples import batches
-from avcl.errors import AvclError
+from avcl.core.options import option
 from avcl.methods import register
-from avcl.methods.base import Hparams, Method, distillation_kl
+from avcl.methods.base import Hparams, MemoryUse, Method
+from avcl.nn.cl_losses import distillation_kl
+from avcl.parallel import eval_pass
+
 
 HAM_LEVELS = ("low", "snippet")
 
@@ -39,15 +41,15 @@ HAM_LEVELS = ("low", "snippet")
 @dataclass
 class HADHparams(Hparams):
     ham: bool = True  # HAM: per-snippet Gaussian augmentation of replayed exemplars
-    ham_strength: float = 0.5  # HAM noise scale, x the class's per-dimension feature std
-    ham_levels: List[str] = field(default_factory=lambda: ["low", "snippet"])  # where HAM adds noise: low | snippet
+    ham_strength: float = option(0.5, range="[0,1]")  # HAM noise scale, x the class's per-dimension feature std
+    ham_levels: List[str] = option(factory=lambda: ["low", "snippet"], choices=HAM_LEVELS)  # where HAM adds noise: low | snippet
     video_kd: float = 1.0  # weight of the video-level KD on old-class logits
     distribution_kd: float = 1.0  # weight of the distribution-level KD (class proxies)
     snippet_relation: float = 1.0  # weight of the snippet-level relation distillation
     video_relation: float = 1.0  # weight of the video-level relation distillation
-    temperature: float = 2.0  # T of the video-level KD
-    proxy_temperature: float = 0.1  # softmax temperature over the class proxies' cosines
-    relation_temperature: float = 0.1  # softmax temperature of the similarity matrices
+    temperature: float = option(2.0, range=">0")  # T of the video-level KD
+    proxy_temperature: float = option(0.1, range=">0")  # softmax temperature over the class proxies' cosines
+    relation_temperature: float = option(0.1, range=">0")  # softmax temperature of the similarity matrices
 
 
 def relation_kd(new: torch.Tensor, old: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -78,16 +80,11 @@ class HAD(Method):
     name = "had"
     description = "HAD (reconstructed): segmental feature augmentation + hierarchical distillation"
     Hparams = HADHparams
-    memory_budget = "config"
-    selection = "random"
-    replay = "separate"
+    memory_use = MemoryUse("exemplars", replay="separate")
     requires_model = "had"
 
     def __init__(self, model, hparams, cfg):
         super().__init__(model, hparams, cfg)
-        bad = [level for level in hparams.ham_levels if level not in HAM_LEVELS]
-        if bad:
-            raise AvclError(f"method_args.had.ham_levels: unknown level(s) {bad} (known: {list(HAM_LEVELS)})")
         self.class_std: dict[str, torch.Tensor] = {}  # "low:<modality>" / "snippet" -> (classes, D)
         self.proxies = torch.empty(0)
 
@@ -95,7 +92,7 @@ class HAD(Method):
         super().before_task(task)
         if self.old_model is not None and len(self.memory):
             memory = self.memory.samples
-            z = torch.cat([self.old_model.embed(b)["features"].float() for b in batches(memory, self.cfg.eval.batch_size)])
+            z = eval_pass(lambda b: self.old_model.embed(b)["features"].float(), memory, self.cfg.eval.batch_size)
             sums = torch.zeros(self.old_classes, z.shape[1], device=z.device).index_add_(0, memory["label"], z)
             self.proxies = F.normalize(sums, dim=1)
 
@@ -144,12 +141,13 @@ class HAD(Method):
         # Per-class feature spread at both levels, measured now, for HAM in later tasks.
         was_training = self.model.training
         self.model.eval()
-        outs = [self.model.embed(b) for b in batches(task.train, self.cfg.eval.batch_size)]
+        keys = {f"low:{m}": m for m in self.model.modalities} | {"snippet": "snippets"}
+        outs = eval_pass(lambda b: {name: out.float() for name, out in self.model.embed(b).items() if name in keys.values()},
+                         task.train, self.cfg.eval.batch_size)  # several processes: sharded
         self.model.train(was_training)
         labels = task.train["label"]
-        keys = {f"low:{m}": m for m in self.model.modalities} | {"snippet": "snippets"}
         for key, field_name in keys.items():
-            values = torch.cat([o[field_name].float() for o in outs])  # (n, N, D)
+            values = outs[field_name]  # (n, N, D)
             std = torch.zeros(self.seen_classes, values.shape[-1], device=values.device)
             if key in self.class_std:
                 std[:len(self.class_std[key])] = self.class_std[key].to(std.device)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.methods import register
-from avcl.methods.base import Hparams, Method
+from avcl.methods.base import Hparams, MemoryUse, Method
 
 
 def exemplar_means(method: Method) -> torch.Tensor:
@@ -87,9 +87,7 @@ class ICaRL(NearestMeanHead, Method):
     name = "icarl"
     description = "iCaRL: herding exemplars, sigmoid distillation, nearest-mean-of-exemplars classifier"
     Hparams = ICaRLHparams
-    memory_budget = "config"
-    selection = "herding"
-    replay = "merge"
+    memory_use = MemoryUse("exemplars", selection="herding")
     own_head = "fc"
 
     def training_loss(self, batch):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from avcl.methods import register
-from avcl.methods.base import Hparams, Method, reset_parameters
+from avcl.methods.base import Hparams, MemoryUse, Method, reset_parameters
 
 
 @dataclass
@@ -22,8 +22,7 @@ class Joint(Method):
     name = "joint"
     description = "joint training on all data seen so far (upper bound)"
     Hparams = JointHparams
-    memory_budget = "all"
-    replay = "merge"
+    memory_use = MemoryUse("all")
 
     def before_task(self, task):
         super().before_task(task)

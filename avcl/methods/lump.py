@@ -1,4 +1,4 @@
-"""LUMP on a label-free model (continual_ssl_baselines.md §8): mixup of current and stored clips.
+"""LUMP on a label-free model (the STELLA code's ``models/cl_methods/lump.py``): mixup of current and stored clips.
 
 Per step, once the memory holds rows: draw as many stored rows as the batch has (row i of the
 draw is paired with current row i), one lambda ~ Beta(mixup_alpha, mixup_alpha) for the whole
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from avcl.core.options import option
 from avcl.methods import register
 from avcl.methods.base import Hparams
 from avcl.methods.replay_ssl import LabelFreeMethod, draw, logged_ssl_loss, prepare_current
@@ -22,7 +23,7 @@ from avcl.methods.replay_ssl import LabelFreeMethod, draw, logged_ssl_loss, prep
 
 @dataclass
 class LUMPHparams(Hparams):
-    mixup_alpha: float = 0.5  # Beta(mixup_alpha, mixup_alpha) mixing weight of the current clip
+    mixup_alpha: float = option(0.5, range=">0")  # Beta(mixup_alpha, mixup_alpha) mixing weight of the current clip
 
 
 @register

@@ -15,17 +15,18 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from avcl.errors import AvclError
+from avcl.core.options import option
 from avcl.methods import register
-from avcl.methods.base import Hparams, Method, distillation_kl, taskwise_kd
+from avcl.methods.base import Hparams, Method
+from avcl.nn.cl_losses import distillation_kl, taskwise_kd
 
 
 @dataclass
 class LwFHparams(Hparams):
     alpha: float = 1.0  # weight of the distillation term
-    temperature: float = 2.0  # T of the distillation softmax
-    ce: str = "new"  # CE over: new (the task's classes, AV-CIL) | all (all seen classes: FACIL, PyCIL)
-    kd: str = "taskwise"  # KD softmax: taskwise (one per old task, AV-CIL) | global (over all old classes)
+    temperature: float = option(2.0, range=">0")  # T of the distillation softmax
+    ce: str = option("new", choices=("new", "all"))  # CE over: new (the task's classes, AV-CIL) | all (all seen classes: FACIL, PyCIL)
+    kd: str = option("taskwise", choices=("taskwise", "global"))  # KD softmax: taskwise (one per old task, AV-CIL) | global (over all old classes)
 
 
 @register
@@ -33,12 +34,6 @@ class LwF(Method):
     name = "lwf"
     description = "Learning without Forgetting: logit distillation from the previous model, no memory"
     Hparams = LwFHparams
-
-    def __init__(self, model, hparams, cfg):
-        super().__init__(model, hparams, cfg)
-        if hparams.ce not in ("new", "all") or hparams.kd not in ("taskwise", "global"):
-            raise AvclError("method_args.lwf: 'ce' must be new|all and 'kd' taskwise|global, "
-                            f"got ce={hparams.ce!r} kd={hparams.kd!r}")
 
     def training_loss(self, batch):
         logits, labels = self.model(batch)["logits"], batch["label"]

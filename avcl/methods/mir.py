@@ -1,4 +1,4 @@
-"""MIR on a label-free model (continual_ssl_baselines.md §5): replay the most interfered rows.
+"""MIR on a label-free model (the STELLA code's ``models/cl_methods/mir.py``): replay the most interfered rows.
 
 Per step, once the memory holds rows: draw C = min(search_factor * B_r, len) candidates
 (B_r = ``train.replay_batch_size``); score each by its per-row CAV-MAE loss (``reduction="none"``)
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from avcl.core.options import option
 from avcl.methods import register
 from avcl.methods.base import Hparams
 from avcl.methods.replay_ssl import LabelFreeMethod, draw, joined, logged_ssl_loss, prepare_current
@@ -24,7 +25,7 @@ from avcl.nn.optim import virtual_step
 
 @dataclass
 class MIRHparams(Hparams):
-    search_factor: int = 5  # candidates drawn per replayed row
+    search_factor: int = option(5, range=">=1")  # candidates drawn per replayed row
 
 
 @register

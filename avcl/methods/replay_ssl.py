@@ -1,13 +1,14 @@
-"""Shared step pieces of the label-free (self-supervised) replay baselines, continual_ssl_baselines.md §1.
+"""Shared step pieces of the label-free (self-supervised) replay baselines
+(as the STELLA code's ``models/cl_methods/``, commit a20a5ea).
 
 A step of every replay baseline (ER, DER++, MIR, GMED, CLS-ER, LUMP) on a label-free model:
 
 1. ``x = model.prepare(batch, train=True)``: the current rows' prepared inputs (augmented,
-   normalised); these, not the raw clips, are what the reservoir stores (spec §1.2: the STELLA
-   buffer holds the loader's augmented tensors and never re-augments them);
+   normalised); these, not the raw clips, are what the reservoir stores (the STELLA code's
+   ``utils/buffer.py`` holds the loader's augmented tensors and never re-augments them);
 2. draw ``train.replay_batch_size`` stored rows uniformly without replacement (``draw``);
 3. one forward of ``model.ssl_loss`` on ``joined(x, replay)`` = [current; replay], so both share
-   one mean (spec §1.3: no separate replay weight);
+   one mean (as the STELLA code's ``models/cav.py`` loss: no separate replay weight);
 4. after that forward, offer the current rows to the reservoir (they cannot be replayed in the
    step that inserts them).
 
@@ -18,21 +19,20 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from avcl.data.samples import Samples
-from avcl.engine import distributed
-from avcl.errors import AvclError
+from avcl import parallel
+from avcl.core.errors import AvclError
+from avcl.core.samples import Samples
 from avcl.memory.reservoir import ReservoirBuffer
-from avcl.methods.base import Method
+from avcl.methods.base import MemoryUse, Method
+
 
 INPUTS = ("audio", "video")  # the prepared-input fields of model.prepare / model.ssl_loss
 
 
 class LabelFreeMethod(Method):
     """A continual self-supervised method: needs a label-free model with the CAV API (model.name=cav)."""
-    memory_budget = "reservoir"
-    replay = "step"
+    memory_use = MemoryUse("reservoir", replay="step")
 
     def __init__(self, model, hparams, cfg):
         super().__init__(model, hparams, cfg)
@@ -51,8 +51,8 @@ def draw(memory: ReservoirBuffer, k: int) -> tuple[torch.Tensor, Optional[Sample
     """``min(k, len(memory))`` stored rows (slots, rows); rows is None while the memory is empty.
 
     ``k`` is the global replay batch: with several processes each rank draws its share from its own
-    reservoir (spec A.8: the replay mini-batch is the per-GPU batch)."""
-    slots, rows = memory.sample(distributed.per_rank(k))
+    reservoir (the STELLA code's ``utils/buffer.py``: the replay mini-batch is the per-GPU batch)."""
+    slots, rows = memory.sample(parallel.per_rank(k))
     return slots, (rows if rows and len(slots) else None)
 
 
@@ -65,11 +65,6 @@ def joined(current: dict[str, torch.Tensor], replay: Optional[Samples]) -> dict[
 
 def inputs_of(rows: Samples) -> dict[str, torch.Tensor]:
     return {key: rows[key] for key in INPUTS}
-
-
-def embedding_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over all B x D elements of the squared difference (DER++'s and CLS-ER's penalties), in float32."""
-    return F.mse_loss(pred.float(), target.detach().float())
 
 
 def ssl_terms(out: dict) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """SS-IL (Ahn et al., ICCV 2021): separated softmax + task-wise knowledge distillation.
 
-As specified in AV-CIL's code (specs/supervised_methods.md 1.5 items 1-2), at tasks >= 1:
+As specified in AV-CIL's code (``ours/train_incremental_ours.py``), at tasks >= 1:
 
 * separated-softmax CE: new samples over the new-class logits only (target y - C_old),
   replayed samples over the old-class logits only; L_SS = (B_n CE_new + B_e CE_old) / B;
@@ -10,30 +10,18 @@ Task 0: plain CE. Memory: random exemplars, replayed as a separate batch each st
 """
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
+from avcl.core.options import option
 from avcl.methods import register
-from avcl.methods.base import Hparams, Method, taskwise_kd
+from avcl.methods.base import Hparams, MemoryUse, Method
+from avcl.nn.cl_losses import separated_softmax_ce, taskwise_kd
 
 
 @dataclass
 class SSILHparams(Hparams):
-    temperature: float = 2.0  # T of the task-wise KD
+    temperature: float = option(2.0, range=">0")  # T of the task-wise KD
     kd_weight: float = 1.0  # weight of the task-wise KD
-
-
-def separated_softmax_ce(logits: torch.Tensor, labels: torch.Tensor, from_memory: torch.Tensor,
-                         old_classes: int) -> torch.Tensor:
-    """(B_n CE over new logits + B_e CE over old logits) / B."""
-    new, old = ~from_memory, from_memory
-    total = logits.new_zeros(())
-    if new.any():
-        total = total + F.cross_entropy(logits[new, old_classes:], labels[new] - old_classes,
-                                        reduction="sum")
-    if old.any():
-        total = total + F.cross_entropy(logits[old, :old_classes], labels[old], reduction="sum")
-    return total / len(labels)
 
 
 @register
@@ -41,9 +29,7 @@ class SSIL(Method):
     name = "ssil"
     description = "SS-IL: separated softmax and task-wise distillation with replay"
     Hparams = SSILHparams
-    memory_budget = "config"
-    selection = "random"
-    replay = "separate"
+    memory_use = MemoryUse("exemplars", replay="separate")
 
     def training_loss(self, batch):
         logits = self.model(batch)["logits"]

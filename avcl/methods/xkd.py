@@ -1,4 +1,4 @@
-"""XKD: masked reconstruction + cross-modal knowledge distillation + domain alignment (spec Part B).
+"""XKD: masked reconstruction + cross-modal knowledge distillation + domain alignment (paper and code ``pritamqu/XKD``).
 
 Sarkar & Etemad, "XKD: Cross-modal Knowledge Distillation with Domain Alignment for Video Representation
 Learning" (AAAI 2024, arXiv 2211.13929). Label-free; needs ``model.name=xkd`` (avcl/models/xkd.py: the
@@ -16,7 +16,7 @@ One step (``training_loss``):
    to the reservoir after the forward;
 3. ``model.views`` (global + local views, fresh augmentation) and ``model.loss_terms``;
 4. ``loss = (rec_weight * rec + kd_weight * kd + da_weight * da) / (rec_weight + kd_weight + da_weight)``
-   (spec B.7: (5 L_rec + 1 L_kd + 1 L_da) / 7). Terms with weight 0 are not computed (no teacher pass when
+   (XKD's official code: (5 L_rec + 1 L_kd + 1 L_da) / 7). Terms with weight 0 are not computed (no teacher pass when
    both kd and da are off: the ``mae`` row).
 
 The schedule's length is the stream's planned step count: at each task's start ``steps done + remaining
@@ -36,23 +36,32 @@ from dataclasses import dataclass
 
 import torch
 
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 from avcl.methods import register
 from avcl.methods.base import Hparams
 from avcl.methods.replay_ssl import LabelFreeMethod, draw
 from avcl.nn.ema import cosine_momentum
+
 
 CLIP_FIELDS = ("audio", "video")
 
 
 @dataclass
 class XKDHparams(Hparams):
-    rec_weight: float = 5.0  # spec B.7: (5 L_rec + 1 L_kd + 1 L_da) / 7
+    rec_weight: float = 5.0  # XKD's official code: (5 L_rec + 1 L_kd + 1 L_da) / 7
     kd_weight: float = 1.0  # cross-modal distillation (DINO cross-entropy, teacher of the other modality)
     da_weight: float = 1.0  # domain alignment (MMD between the audio and video outputs)
     momentum: float = 0.997  # EMA teachers: cosine schedule from this ...
     momentum_final: float = 1.0  # ... to this at the last step
     replay: bool = False  # continual use: replay clips from a reservoir of memory.size (train.replay_batch_size per step)
+
+    def check(self, prefix: str) -> None:
+        weights = (self.rec_weight, self.kd_weight, self.da_weight)
+        if sum(weights) <= 0:
+            raise AvclError(f"{prefix}: rec_weight, kd_weight, da_weight must be >= 0 and not all 0, got {weights}")
+        if not 0 <= self.momentum <= self.momentum_final <= 1:
+            raise AvclError(f"{prefix}: need 0 <= momentum ({self.momentum}) <= momentum_final "
+                            f"({self.momentum_final}) <= 1")
 
 
 @register
@@ -64,13 +73,6 @@ class XKD(LabelFreeMethod):
 
     def __init__(self, model, hparams, cfg):
         super().__init__(model, hparams, cfg)
-        hp = self.hp
-        weights = (hp.rec_weight, hp.kd_weight, hp.da_weight)
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise AvclError(f"method_args.xkd: rec_weight, kd_weight, da_weight must be >= 0 and not all 0, got {weights}")
-        if not 0 <= hp.momentum <= hp.momentum_final <= 1:
-            raise AvclError(f"method_args.xkd: need 0 <= momentum ({hp.momentum}) <= momentum_final "
-                            f"({hp.momentum_final}) <= 1")
         self.step = 0  # optimizer steps taken over the stream
         self.total_steps = 0  # the schedule's length (planned at each task's start)
         self.ema_pending = False  # the last step's teacher update is still owed
@@ -118,7 +120,8 @@ class XKD(LabelFreeMethod):
             self.memory.add(current)
         self.step += 1
         self.ema_pending = True
-        self.last_terms = {key: value.detach() for key, value in terms.items()}
+        self.log_terms(**terms)  # loss/rec, loss/kd, loss/da, ... in epochs.csv (and TensorBoard)
+        self.last_terms = {key: value.detach() for key, value in terms.items()}  # this step's, for inspection
         return loss
 
     def after_task(self, task):

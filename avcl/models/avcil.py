@@ -1,4 +1,4 @@
-"""AV-CIL's model (Pian et al., ICCV 2023; specs/supervised_methods.md 1.4): ``model.name=avcil``.
+"""AV-CIL's model (Pian et al., ICCV 2023; official ``model/audio_visual_model_incremental.py``): ``model.name=avcil``.
 
 Follows the official ``IncreAudioVisualNet``:
 
@@ -29,26 +29,38 @@ Deviations / generalisations:
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avcl.data.samples import Samples
-from avcl.errors import AvclError
-from avcl.models import register_model
+from avcl.core.errors import AvclError
+from avcl.core.options import option
+from avcl.core.samples import Samples
 from avcl.models.avcil_attention import FusedSpatialAttention, reference_spatial_attention
+from avcl.models.avnet import AVNetOptions
 from avcl.models.encoders import encoder_class
 from avcl.models.heads import IncrementalClassifier
+from avcl.models.registry import register_model
+
 
 ENCODER_CHOICES = ("none", "builtin")
 ATTENTION_KERNELS = {"fused": FusedSpatialAttention.apply, "reference": reference_spatial_attention}
 
 
+@dataclass
+class AVCILOptions(AVNetOptions):
+    """AV-CIL's keys (its built-in encoders, ``encoders: builtin``, are AVNet's)."""
+    visual_grid: List[int] = option(factory=lambda: [8, 196], range=">=1")  # [T, P] of the video tokens
+    encoders: str = option("none", choices=ENCODER_CHOICES)  # none: inputs are features | builtin: raw clips through the encoders above
+    attention_kernel: str = option("fused", choices=tuple(ATTENTION_KERNELS))  # fused | reference (plain PyTorch ops, as the official code)
+
+
 def audio_guided_attention(audio_key: torch.Tensor, visual_pre: torch.Tensor, tokens: torch.Tensor,
                            rows: Optional[torch.Tensor] = None, kernel: str = "fused") -> dict[str, torch.Tensor]:
-    """Channel-wise spatial then temporal attention (spec 1.4).
+    """Channel-wise spatial then temporal attention (AV-CIL's ``IncreAudioVisualNet``).
 
     ``audio_key`` (B, D) = tanh(W_aa a); ``visual_pre`` (B, T, P, D) = W_va V (the keys before
     their tanh); ``tokens`` (B, T, P, D) = V; ``rows``: the samples whose spatial attention is
@@ -75,6 +87,7 @@ class AVCILNet(nn.Module):
     "visual_embedding" (L2-normalised f^a, f^v), "temporal_attention", "temporal_scores" and
     "spatial_log_attention" for the rows ``attention_rows`` asks for (none by default: the
     (R, T, P, D) maps are only needed for attention distillation)}."""
+    options = AVCILOptions
 
     def __init__(self, cfg, example: Samples):
         super().__init__()
@@ -82,12 +95,7 @@ class AVCILNet(nn.Module):
         self.grid = tuple(int(x) for x in cfg.visual_grid)
         if len(self.grid) != 2 or min(self.grid) < 1:
             raise AvclError(f"model.visual_grid must be [T, P] with T, P >= 1, got {list(cfg.visual_grid)}")
-        if cfg.attention_kernel not in ATTENTION_KERNELS:
-            raise AvclError(f"model.attention_kernel must be one of {list(ATTENTION_KERNELS)}, "
-                            f"got '{cfg.attention_kernel}'")
         self.attention_kernel = cfg.attention_kernel
-        if cfg.encoders not in ENCODER_CHOICES:
-            raise AvclError(f"model.encoders must be one of {list(ENCODER_CHOICES)}, got '{cfg.encoders}'")
         for m in self.modalities:
             if m not in example:
                 raise AvclError(f"model.modalities asks for '{m}' but the dataset has no '{m}' field")

@@ -1,4 +1,4 @@
-"""AV-CIL's audio-guided spatial attention (specs/supervised_methods.md 1.4), two implementations.
+"""AV-CIL's audio-guided spatial attention (AV-CIL's ``model/audio_visual_model_incremental.py``), two implementations.
 
 Both compute, from the audio key â (B, D) = tanh(W_aa a), the pre-activation visual keys
 K = W_va V (B, T, P, D) and the raw tokens V (B, T, P, D):
@@ -18,6 +18,7 @@ and return u, v (B, T, D) and log α for the requested rows (for attention disti
 from __future__ import annotations
 
 import torch
+
 
 CHUNK_BYTES = 4 << 20  # CPU: a chunk's (b, T, P, D) slices stay cache-resident between ops
 

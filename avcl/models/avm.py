@@ -1,4 +1,4 @@
-"""STELLA's AVM module (spec A.4): one bidirectional cross-attention layer and a matching head.
+"""STELLA's AVM module (STELLA's ``models/avm_module.py``): one bidirectional cross-attention layer and a matching head.
 
 On the fusion-layer outputs f_a (B, L_a, D) and f_v (B, L_v, D) of the backbone's joint pass
 (``CAVModel.fuse``): separate LayerNorms per modality, W_q / W_k / W_v per modality (D -> D, no
@@ -19,12 +19,14 @@ from torch import nn
 
 from avcl.nn.vit import init_vit_weights
 
+
 MODALITIES = ("audio", "video")
 
 
 class AVMModule(nn.Module):
     """``attention_logits(f_a, f_v)`` -> per-head q_a, k_a, q_v, k_v (B, H, L, dh) for STELLA's scores
-    (spec A.5: S_av = q_a k_vᵀ * scale); ``match_logit(f_a, f_v)`` -> (B,) matching logits."""
+    (the code's ``extract_multimodal_relationship``: S_av = q_a k_vᵀ * scale);
+    ``match_logit(f_a, f_v)`` -> (B,) matching logits."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -61,7 +63,7 @@ class AVMModule(nn.Module):
 
 def matching_pairs(batch: int, device=None, generator: torch.Generator | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The AVM task's pairs (spec A.4): (labels (B,) float, video_index (B,) long).
+    """The AVM task's pairs (as the STELLA code's AVM training): (labels (B,) float, video_index (B,) long).
 
     ``batch // 2`` random rows keep their own video (label 1); the others (label 0) get the video of
     another negative row: the negatives, in random order, take their successor's video (one random

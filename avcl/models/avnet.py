@@ -1,13 +1,27 @@
 """The two-stream audio-visual network: encoders -> fusion -> growing classifier."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from avcl.data.samples import Samples
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
+from avcl.core.options import option
+from avcl.core.samples import Samples
 from avcl.models.encoders import encoder_class
 from avcl.models.heads import IncrementalClassifier
+from avcl.models.registry import ModelOptions, register_model
+
+
+@dataclass
+class AVNetOptions(ModelOptions):
+    """AVNet's keys (and those of the models that reuse its encoders: HAD's, AV-CIL's built-in ones)."""
+    audio_encoder: str = "conv1d"
+    video_encoder: str = "conv"
+    fusion: str = option("concat", choices=("concat", "sum"))  # concat | sum
+    embed_dim: int = option(64, range=">=1")  # width of each encoder's tokens
+    feature_dim: int = option(128, range=">=1")  # width of the fused feature fed to the classifier
 
 
 class TokenPool(nn.Module):
@@ -53,8 +67,10 @@ class Fusion(nn.Module):
         return {"features": features, **pooled}
 
 
+@register_model("avnet")
 class AVNet(nn.Module):
     """``forward(batch)`` -> {"logits", "features", "audio", "video"} (present modalities only)."""
+    options = AVNetOptions
 
     def __init__(self, cfg, example: Samples):
         super().__init__()

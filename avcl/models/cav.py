@@ -1,4 +1,4 @@
-"""The CAV-MAE backbone as FLAVA/STELLA run it (spec A.2-A.4): ``model.name=cav``.
+"""The CAV-MAE backbone as FLAVA/STELLA run it (their ``models/cav.py``, ``models/avm_module.py``): ``model.name=cav``.
 
 Label-free (``label_free = True``), no classifier head. Inputs (``prepare``):
 
@@ -23,16 +23,17 @@ embedding (same initialisation) and ``fusion_depth`` shared layers used CAV-MAE 
 on [audio; video] (shared LNs inside the layers, final LN ``norm.joint``) and one pass per modality
 (the layers' modality-specific LNs, final LN ``norm.audio`` / ``norm.video``).
 
-Objective (``ssl_loss``, spec A.3): the decoder (shared weights; ``decoder_embed`` on the normalised
+Objective (``ssl_loss``, the FLAVA/STELLA code's ``models/objectives.py``):
+the decoder (shared weights; ``decoder_embed`` on the normalised
 joint-pass outputs) decodes audio and video as separate sequences, each with its own mask token,
 decoder positional embedding (sin-cos initialised, learnable), modality embedding and linear
 prediction head; MAE loss on normalised patch targets (``cav.norm_pix_loss``) of the hidden patches;
 symmetric InfoNCE (``cav.temperature``) on the L2-normalised mean-pooled per-modality-pass outputs;
 ``loss = cav.mae_weight * (mae_audio + mae_video) + cav.contrastive_weight * contrastive``.
 
-Generalisations and deviations from spec A.2 (FLAVA/STELLA code):
+Generalisations and deviations from the FLAVA/STELLA code (``models/cav.py``, ``configs/backbone/cav.yaml``):
 
-* Sizes: ``model.vit`` presets tiny / small / base (base = the spec's ViT-B 10 + 2 layers, decoder
+* Sizes: ``model.vit`` presets tiny / small / base (base = the code's ViT-B 10 + 2 layers, decoder
   512 x 8 x 16), every field overridable; patch sides, frame count, window and fbank length
   configurable; gray frames are supported (one channel) besides RGB.
 * Multi-scale crop: one scale per clip for both sides, a continuous uniform offset, bilinear
@@ -52,26 +53,57 @@ Generalisations and deviations from spec A.2 (FLAVA/STELLA code):
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avcl.data.samples import Samples
-from avcl.errors import AvclError
-from avcl.models import register_model
+from avcl.core.errors import AvclError
+from avcl.core.options import option
+from avcl.core.samples import Samples
 from avcl.models.avm import AVMModule, matching_pairs
+from avcl.models.mae_weights import load_mae_weights
+from avcl.models.registry import ModelOptions, register_model
 from avcl.nn.losses import info_nce, normalized_patch_mse
-from avcl.nn.vit import (Block, read_clip_geometry, gather_tokens, init_vit_weights, LN_EPS, patchify_2d, patchify_frames,
-                         random_masking, resolve_size, run_blocks, sincos_2d, split_selected, visible_count)
+from avcl.nn.vit import (LN_EPS, Block, ViTConfig, gather_tokens, init_vit_weights, patchify_2d, patchify_frames,
+                         random_masking, read_clip_geometry, resolve_size, run_blocks, sincos_2d, split_selected,
+                         visible_count)
+
 
 MODALITIES = ("audio", "video")
+
+
+@dataclass
+class CAVConfig:
+    """``model.cav``: the CAV-MAE objective as FLAVA/STELLA run it and its input normalisation."""
+    mask_ratio_audio: float = option(0.8, range="[0,1)")
+    mask_ratio_video: float = option(0.8, range="[0,1)")
+    norm_pix_loss: bool = True  # reconstruction targets normalised per patch
+    mae_weight: float = 1.0  # per modality
+    contrastive_weight: float = 0.1
+    temperature: float = option(0.05, range=">0")  # InfoNCE
+    audio_mean: float = option(0.0, range="any")  # fbank normalisation (x - mean) / std; AudioSet-style fbank: -5.081, 4.4849
+    audio_std: float = option(1.0, range=">0")
+    video_mean: List[float] = option(factory=lambda: [0.485, 0.456, 0.406], range="any")  # per channel, on [0, 1]
+    video_std: List[float] = option(factory=lambda: [0.229, 0.224, 0.225], range=">0")  # (gray frames: first value)
+    audio_noise: float = 0.1  # train-time: uniform noise of a random scale up to this, and
+    audio_roll: bool = True  # a random circular time roll
+    avm: bool = True  # build STELLA's AVM module (trained only by stella and the init stage)
+
+
+@dataclass
+class CAVOptions(ModelOptions):
+    """The CAV backbone's keys: its ViT and its objective."""
+    vit: ViTConfig = option(factory=lambda: ViTConfig())  # the transformer's architecture
+    cav: CAVConfig = option(factory=lambda: CAVConfig())  # the CAV-MAE objective
 
 
 @register_model("cav")
 class CAVModel(nn.Module):
     """CAV-MAE backbone (see the module docstring). ``forward(batch)`` = ``embed(batch)``."""
+    options = CAVOptions
 
     label_free = True
 
@@ -117,7 +149,6 @@ class CAVModel(nn.Module):
 
         self.checkpoint_notes: list[str] = []
         if cfg.vit.checkpoint:
-            from avcl.models.mae_weights import load_mae_weights
             self.checkpoint_notes = load_mae_weights(self, cfg.vit.checkpoint)
 
     # ----- geometry ----------------------------------------------------------------------------
@@ -152,10 +183,8 @@ class CAVModel(nn.Module):
                 raise AvclError(f"model.cav.{key} must have 3 values (one per RGB channel), got {values}")
             values = values[:self.channels]
             self.register_buffer(key, torch.tensor(values, dtype=torch.float32).view(1, 1, -1, 1, 1), persistent=False)
-        if min(self.cav.video_std) <= 0 or self.cav.audio_std <= 0:
-            raise AvclError("model.cav.video_std and model.cav.audio_std must be > 0")
-        if not vit.crop_scales or not all(0 < s <= 1 for s in vit.crop_scales):
-            raise AvclError(f"model.vit.crop_scales must be values in (0, 1], got {list(vit.crop_scales)}")
+        if not vit.crop_scales:  # each value's range is the field's own (build_model checks it)
+            raise AvclError("model.vit.crop_scales must hold at least one value in (0, 1], got []")
         self.register_buffer("crop_scales", torch.tensor(list(vit.crop_scales), dtype=torch.float32), persistent=False)
         offsets = ((torch.arange(frames, dtype=torch.float64) + 0.5) * self.window / frames).floor().long()
         self.register_buffer("frame_offsets", offsets, persistent=False)
@@ -292,7 +321,7 @@ class CAVModel(nn.Module):
         """The CAV-MAE objective on prepared input ``x``.
 
         ``selected=None``: random masking with ``cav.mask_ratio_*`` over all tokens. ``selected`` =
-        {"audio": (B, K_a), "video": (B, K_v)} token ids (spec A.6 step 4): only those patches are used;
+        {"audio": (B, K_a), "video": (B, K_v)} token ids (STELLA's ``modality_guided_masking``): only those patches are used;
         a random visible subset of floor((1 - mask_ratio) * L_full) of them (at most K - 1) is encoded,
         the other selected patches are the targets, the decoder runs on the K selected positions only.
         Returns {"loss", "mae_audio", "mae_video", "contrastive"} (scalars; (B,) per row with
@@ -330,7 +359,7 @@ class CAVModel(nn.Module):
 
     def embed(self, batch: Samples) -> dict[str, torch.Tensor]:
         """Evaluation features (no augmentation, no masking): "audio" / "video" (B, D) L2-normalised
-        mean-pooled per-modality passes (retrieval, spec A.2); "joint" (B, 2D) = [mean audio tokens;
+        mean-pooled per-modality passes (retrieval, as the FLAVA/STELLA code); "joint" (B, 2D) = [mean audio tokens;
         mean video tokens] of the joint pass after its LN (linear probe); "features" = "joint"."""
         h = self.encode_unimodal(self.prepare(batch, train=False))
         f_a, f_v = self._joint_pass(h)
@@ -344,7 +373,7 @@ class CAVModel(nn.Module):
     # ----- AVM (STELLA) --------------------------------------------------------------------------
     def avm_loss(self, x: Optional[dict[str, torch.Tensor]] = None,
                  fused: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        """The AVM matching BCE on prepared input ``x`` (spec A.4): the backbone under no_grad on the
+        """The AVM matching BCE on prepared input ``x`` (STELLA's ``models/avm_module.py``): the backbone under no_grad on the
         unmasked tokens (modality encoders, then the joint fusion pass); half the pairs positive, the
         other half with their videos deranged among themselves. Weight 1; gradients reach ``avm`` only.
         ``fused``: that pass's output (``fuse(encode_unimodal(x))``) when the caller has it already."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from avcl.core.errors import AvclError
+
 
 class AudioConv1d(nn.Module):
     """1-D convolutions over time, mel bins as channels: (B, F, M) -> (B, F/4, D)."""
@@ -66,7 +68,6 @@ def expect_rank(encoder: str, input_shape: tuple[int, ...], rank: int, kind: str
 
 
 def refuse_data(encoder: str, kind: str, got: str) -> None:
-    from avcl.errors import AvclError
     raise AvclError(f"the {encoder} encoder needs {kind} per clip, but the data has {got}: for features from "
                     "`avcl extract` use recipe `features` (model.audio_encoder=linear model.video_encoder=linear)")
 
@@ -79,6 +80,5 @@ def encoder_class(modality: str, name: str, extra: tuple[str, ...] = ()):
     """The registered encoder class ``name`` for ``modality`` (``model.<modality>_encoder``)."""
     registry = {"audio": AUDIO_ENCODERS, "video": VIDEO_ENCODERS}[modality]
     if name not in registry:
-        from avcl.errors import AvclError
         raise AvclError(f"unknown model.{modality}_encoder '{name}' (known: {', '.join(extra + tuple(registry))})")
     return registry[name]

@@ -13,15 +13,24 @@ snippets). The stages are separate methods so that a method can act between them
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from avcl.data.samples import Samples
-from avcl.errors import AvclError
-from avcl.models import register_model
-from avcl.models.avnet import TokenPool
+from avcl.core.errors import AvclError
+from avcl.core.options import option
+from avcl.core.samples import Samples
+from avcl.models.avnet import AVNetOptions, TokenPool
 from avcl.models.encoders import encoder_class
 from avcl.models.heads import IncrementalClassifier
+from avcl.models.registry import register_model
+
+
+@dataclass
+class HADOptions(AVNetOptions):
+    """HAD's keys: its encoders are AVNet's."""
+    snippets: int = option(4, range=">=1")  # raw clips are cut into this many snippets
 
 
 class SnippetLinear(nn.Module):
@@ -56,6 +65,8 @@ class RawSnippets(nn.Module):
 
 @register_model("had")
 class HADNet(nn.Module):
+    options = HADOptions
+
     def __init__(self, cfg, example: Samples):
         super().__init__()
         self.modalities = list(cfg.modalities)

@@ -1,4 +1,4 @@
-"""ImageNet MAE initialisation of the CAV backbone (``model.vit.checkpoint``, spec A.2).
+"""ImageNet MAE initialisation of the CAV backbone (``model.vit.checkpoint``, as the FLAVA/STELLA code).
 
 Sources: a torch file (``.pth``/``.pt``) holding a state dict in the timm / official MAE naming
 (``blocks.N.attn.qkv.weight``, ``patch_embed.proj.weight``, ``decoder_blocks.N...``), under the key
@@ -6,7 +6,7 @@ Sources: a torch file (``.pth``/``.pt``) holding a state dict in the timm / offi
 transformers' ``ViTMAEModel`` / ``ViTMAEForPreTraining`` (``save_pretrained``), read with
 ``from_pretrained(dir, local_files_only=True)`` and renamed to the MAE naming.
 
-Conversion (FLAVA's ``adapt_imae_weights_to_vamae.py``, spec A.2):
+Conversion (FLAVA's ``tools/adapt_imae_weights_to_vamae.py``):
 
 * layers 0..depth-1 -> both modality branches (``blocks.audio.i``, ``blocks.video.i``); the next
   fusion_depth layers -> the fusion layers, their LNs also into the per-modality LN pairs; the
@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
+
 
 # transformers' ViTMAE per-layer names -> MAE/timm (both the 4.x and the 5.x naming)
 _HF_LAYER = [
@@ -96,7 +97,7 @@ def read_mae_state(path: str | Path) -> dict:
             raise AvclError(f"model.vit.checkpoint: {path} is a directory without config.json (expected a "
                             "transformers ViTMAEModel directory or a .pth file)")
         try:
-            import transformers
+            import transformers  # optional extra (avcl[hf]): only for an HF checkpoint directory
         except ImportError:
             raise AvclError(f"model.vit.checkpoint: reading {path} needs the transformers package") from None
         config = transformers.ViTMAEConfig.from_pretrained(str(path), local_files_only=True)

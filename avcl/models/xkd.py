@@ -1,5 +1,5 @@
 """XKD: masked reconstruction with cross-modal knowledge distillation and domain alignment
-(Sarkar & Etemad, AAAI 2024; spec selfsupervised_methods.md Part B): ``model.name=xkd``.
+(Sarkar & Etemad, AAAI 2024; official code ``pritamqu/XKD``): ``model.name=xkd``.
 
 Label-free (``label_free = True``). One file gives the three models of the paper by ``model.xkd.share``:
 
@@ -7,7 +7,7 @@ Label-free (``label_free = True``). One file gives the three models of the paper
   embedding, ``vit.depth + vit.fusion_depth`` pre-norm blocks, final LN) with its DINO head;
 * ``students`` (XKD-MAS): one transformer stack shared by both students (and so by both MAE encoders);
   tokenizers, positional embeddings, CLS tokens, final LNs, heads and decoders stay per modality;
-  the teachers stay two EMA copies (both of the one shared stack, spec B.8);
+  the teachers stay two EMA copies (both of the one shared stack, XKD's ``xkd_mas.py``);
 * ``all`` (XKD-MATS): the teachers' stack is shared too; the EMA loops over both modalities, so a shared
   teacher block gets two updates per step (momentum m^2, the code; ``xkd.mats_ema=once``: m).
 
@@ -23,7 +23,7 @@ Tokenizers: tubelets ``xkd.tubelet_frames x vit.video_patch^2`` (linear embeddin
 tubelet), audio patches ``vit.audio_patch`` = [time, freq] on a time-major grid. Positional tables are
 sized for the global view and interpolated for other grids (trilinear video, bicubic audio).
 
-Objective terms (``loss_terms``; the method weights them, spec B.7):
+Objective terms (``loss_terms``; the method weights them, as XKD's official code):
 
 * MAE per modality on the global view: random masking (``xkd.mask_ratio_*``), encoder on the visible
   tokens (+ CLS), the modality's decoder (``vit.decoder_*``; learnable mask token and positional table)
@@ -42,7 +42,7 @@ Objective terms (``loss_terms``; the method weights them, spec B.7):
 
 ``embed`` (evaluation): the unmasked centred global view through the students (``xkd.eval_encoder=teacher``:
 the teachers), the mean of the patch tokens after the final LN per modality, L2-normalised; "joint" =
-[audio; video] (the spec's audio-visual linear protocol), "features" = "joint"; "cross_audio" /
+[audio; video] (XKD's audio-visual linear protocol, ``codes/eval/``), "features" = "joint"; "cross_audio" /
 "cross_video" = the L2-normalised head outputs of the same pooled features: the one space the two
 modalities share (distillation and MMD align it), which the retrieval protocol ranks in (ours: the paper
 evaluates no retrieval).
@@ -52,29 +52,80 @@ blur, or the local audio view's time/frequency resize-crop; volume jitter as a g
 positional embeddings and CLS tokens initialised N(0, 0.02) (trunc.), Linear layers N(0, 0.02) (as
 ``init_vit_weights``), patch embeddings xavier-uniform; the decoder gets the CLS token and the visible
 tokens followed by the mask tokens with positions gathered (MAE unshuffles; identical outputs), and
-predicts the hidden patches only; one process (centres are not all-reduced).
+predicts the hidden patches only. With several processes the DINO centres are all-reduced over the ranks'
+rows (``parallel.mean_rows``), as the code's.
 """
 from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avcl.data.samples import Samples
-from avcl.errors import AvclError
-from avcl.models import register_model
+from avcl.core.errors import AvclError
+from avcl.core.options import option
+from avcl.core.samples import Samples
+from avcl.models.registry import ModelOptions, register_model
 from avcl.nn.distill import REFINE_MODES, DINOHead, refine_weights, refined_pool
 from avcl.nn.ema import ema_update_pairs
 from avcl.nn.losses import dino_cross_entropy, gaussian_mmd, normalized_patch_mse, update_center
-from avcl.nn.vit import (Block, read_clip_geometry, LN_EPS, gather_tokens, init_vit_weights, patchify_2d, patchify_tubelets,
-                         random_masking, resize_pos_embed, resolve_size, run_blocks, visible_count)
+from avcl.nn.vit import (LN_EPS, Block, ViTConfig, gather_tokens, init_vit_weights, patchify_2d, patchify_tubelets,
+                         random_masking, read_clip_geometry, resize_pos_embed, resolve_size, run_blocks, visible_count)
+
 
 MODALITIES = ("video", "audio")
 SHARE_MODES = ("none", "students", "all")
+
+
+@dataclass
+class XKDConfig:
+    """``model.xkd``: XKD's views, tokenizers, heads, teachers. Encoder and decoder sizes
+    come from ``model.vit`` (encoder layers = vit.depth + vit.fusion_depth; base = ViT-B's 12)."""
+    share: str = option("none", choices=SHARE_MODES)  # none (XKD) | students (XKD-MAS: one student transformer) | all (XKD-MATS: teachers' too)
+    refine: str = option("mean", choices=REFINE_MODES)  # teacher feature refinement from the CLS attention: mean | softmax | none
+    teacher_view: str = option("local", choices=("local", "global"))  # local: the first local view, unmasked (the code) | global: the global view (paper figure)
+    mats_ema: str = option("twice", choices=("twice", "once"))  # share=all: shared teacher blocks get one EMA update per modality (code, m^2) | once
+    eval_encoder: str = option("student", choices=("student", "teacher"))  # the backbone embed() (probes, retrieval) reads: student | teacher
+    tubelet_frames: int = 4  # video tubelets: tubelet_frames x vit.video_patch x vit.video_patch
+    mask_ratio_video: float = option(0.85, range="[0,1)")
+    mask_ratio_audio: float = option(0.8, range="[0,1)")
+    norm_pix_loss: bool = True
+    qkv_bias: bool = False
+    global_crop_scale: List[float] = option(factory=lambda: [0.2, 1.0])  # area fraction, resized back
+    local_frames: int = 8  # local video view: consecutive frames (at the global view's frame stride)
+    local_size: int = 96  # local video view side, pixels
+    local_crop_scale: List[float] = option(factory=lambda: [0.08, 0.4])
+    local_views_video: int = 1  # XKD 1, MAS/MATS 3
+    local_views_audio: int = 1
+    local_audio_frames: int = 112  # local audio view: fbank frames (a random window)
+    flip: float = option(0.5, range="[0,1]")  # horizontal flip probability of every video view
+    volume_jitter: float = 0.1  # audio gain U(1-j, 1+j) per clip on the normalised fbank: global view
+    local_volume_jitter: float = 0.2  # and local views
+    head_hidden: int = option(2048, range=">=1")  # DINO head: width -> hidden -> hidden -> bottleneck -> L2 -> head_dim
+    head_bottleneck: int = option(256, range=">=1")
+    head_dim: int = option(8192, range=">=1")
+    student_temp: float = option(0.1, range=">0")
+    teacher_temp_video: float = option(0.1, range=">0")  # final teacher temperatures (video teacher -> audio student) ...
+    teacher_temp_audio: float = option(0.07, range=">0")
+    warmup_teacher_temp_video: float = option(0.1, range=">0")  # ... reached linearly from these over teacher_temp_warmup
+    warmup_teacher_temp_audio: float = option(0.07, range=">0")
+    teacher_temp_warmup: float = 0.0  # fraction of the training steps
+    center_momentum: float = option(0.9, range="[0,1]")
+    audio_mean: float = option(-5.369, range="any")  # fbank normalisation (x - mean) / std (XKD's log-mel statistics)
+    audio_std: float = option(4.410, range=">0")
+    video_mean: List[float] = option(factory=lambda: [0.485, 0.456, 0.406], range="any")  # per channel, on [0, 1]
+    video_std: List[float] = option(factory=lambda: [0.229, 0.224, 0.225], range=">0")
+
+
+@dataclass
+class XKDOptions(ModelOptions):
+    """XKD's keys: encoder and decoder sizes from its ViT, the rest in ``model.xkd``."""
+    vit: ViTConfig = option(factory=lambda: ViTConfig())  # the transformers' architecture
+    xkd: XKDConfig = option(factory=lambda: XKDConfig())  # XKD only
 
 
 class Encoder(nn.Module):
@@ -162,6 +213,7 @@ def random_resized_crop(frames: torch.Tensor, out_hw: tuple[int, int], scale: tu
 @register_model("xkd")
 class XKDModel(nn.Module):
     """XKD / XKD-MAS / XKD-MATS (see the module docstring). ``forward(batch)`` = ``embed(batch)``."""
+    options = XKDOptions
 
     label_free = True
     trained_by = ("xkd",)  # checked when the config is loaded (avcl.config.validate)
@@ -214,30 +266,15 @@ class XKDModel(nn.Module):
     # ----- configuration -----------------------------------------------------------------------
     @staticmethod
     def _check_choices(xc) -> None:
-        for key, value, choices in (("share", xc.share, SHARE_MODES), ("refine", xc.refine, REFINE_MODES),
-                                    ("teacher_view", xc.teacher_view, ("local", "global")),
-                                    ("mats_ema", xc.mats_ema, ("twice", "once")),
-                                    ("eval_encoder", xc.eval_encoder, ("student", "teacher"))):
-            if value not in choices:
-                raise AvclError(f"bad config: 'model.xkd.{key}' must be one of {list(choices)}, got '{value}'")
+        """What the fields' own rules (``XKDConfig``, checked by ``build_model``) cannot say: pairs and the views."""
         for key in ("global_crop_scale", "local_crop_scale"):
             lo_hi = list(getattr(xc, key))
             if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
                 raise AvclError(f"bad config: 'model.xkd.{key}' must be [low, high] with 0 < low <= high <= 1, "
                                 f"got {lo_hi}")
-        if xc.local_views_video < 0 or xc.local_views_audio < 0:
-            raise AvclError("bad config: 'model.xkd.local_views_video/audio' must be >= 0")
         if xc.teacher_view == "local" and min(xc.local_views_video, xc.local_views_audio) < 1:
             raise AvclError("model.xkd.teacher_view=local needs at least one local view per modality "
                             "(model.xkd.local_views_video/audio >= 1)")
-        for key in ("student_temp", "teacher_temp_video", "teacher_temp_audio", "warmup_teacher_temp_video",
-                    "warmup_teacher_temp_audio", "audio_std", "head_dim", "head_hidden", "head_bottleneck"):
-            if getattr(xc, key) <= 0:
-                raise AvclError(f"bad config: 'model.xkd.{key}' must be > 0")
-        if min(xc.video_std) <= 0:
-            raise AvclError("bad config: 'model.xkd.video_std' must be > 0")
-        if not 0 <= xc.center_momentum <= 1 or not 0 <= xc.flip <= 1:
-            raise AvclError("bad config: 'model.xkd.center_momentum' and 'model.xkd.flip' must be in [0, 1]")
 
     def _read_geometry(self, vit, xc, example: Samples) -> None:
         read_clip_geometry(self, "xkd", vit, example)

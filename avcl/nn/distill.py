@@ -1,4 +1,5 @@
-"""Self-distillation pieces (DINO, XKD spec B.2, B.4, B.5): the projection head and the teacher's
+"""Self-distillation pieces (DINO; XKD's ``models/modules/projector.py``,
+``cross_modal_attn`` and ``align_feats``): the projection head and the teacher's
 attention-based feature refinement. The losses are in ``avcl.nn.losses`` (``dino_cross_entropy``,
 ``update_center``, ``gaussian_mmd``), the EMA schedule in ``avcl.nn.ema`` (``cosine_momentum``).
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 REFINE_MODES = ("mean", "softmax", "none")
 
@@ -25,7 +27,8 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """XKD's projector (spec B.2): MLP dim -> hidden -> hidden -> bottleneck (LayerNorm + GELU after the
+    """XKD's projector (``models/modules/projector.py``): MLP dim -> hidden -> hidden -> bottleneck
+    (LayerNorm + GELU after the
     hidden layers), L2-normalise, weight-normalised Linear bottleneck -> out_dim (gain fixed to 1), then a
     non-affine LayerNorm on the out_dim logits."""
 
@@ -47,7 +50,7 @@ class DINOHead(nn.Module):
 
 
 def refine_weights(attn_self: torch.Tensor, attn_other: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-    """Token weights (B, N) of one modality from the teachers' last-layer CLS->patch attention (spec B.5).
+    """Token weights (B, N) of one modality from the teachers' last-layer CLS->patch attention (XKD's ``cross_modal_attn``).
 
     ``attn_self`` (B, H, N): this modality's attention over its N patches (CLS column removed);
     ``attn_other`` (B, H, M): the other modality's. Per head, the code's cross-modal reweighting
@@ -68,7 +71,7 @@ def refine_weights(attn_self: torch.Tensor, attn_other: torch.Tensor, mode: str 
 def refined_pool(tokens: torch.Tensor, weights: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Mean of the refined tokens s * w_j * x_j (tokens (B, N, D), weights (B, N)) with XKD's
     energy-preserving scale s = ||mean_j x_j|| / ||mean_j w_j x_j||: the pooled vector points along the
-    weighted mean and has the norm of the plain mean (spec B.5)."""
+    weighted mean and has the norm of the plain mean (XKD's ``align_feats``)."""
     plain = tokens.mean(dim=1)
     weighted = (tokens * weights.to(tokens.dtype)[:, :, None]).mean(dim=1)
     scale = plain.float().norm(dim=1, keepdim=True) / weighted.float().norm(dim=1, keepdim=True).clamp_min(eps)

@@ -40,7 +40,7 @@ def cosine_momentum(step: int, total_steps: int, base: float = 0.997, final: flo
 @torch.no_grad()
 def ema_update_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float) -> None:
     """``t <- decay * t + (1 - decay) * s`` for each (target, source) pair, in the given order (a target
-    listed twice is updated twice: XKD-MATS's shared teacher blocks, spec B.8)."""
+    listed twice is updated twice: XKD-MATS's shared teacher blocks, XKD's ``xkd_mats.py``)."""
     if not pairs:
         return
     targets = [t for t, _ in pairs]

@@ -1,5 +1,5 @@
-"""Self-supervised losses shared by the pre-training methods (CAV-MAE's, spec A.3; XKD's MAE, DINO
-cross-entropy with teacher centring and Gaussian-kernel MMD, spec B.4 and B.6)."""
+"""Self-supervised losses shared by the pre-training methods (CAV-MAE's, FLAVA/STELLA's ``models/objectives.py``;
+XKD's MAE, DINO cross-entropy with teacher centring and Gaussian-kernel MMD, XKD's ``models/modules/loss.py``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from avcl.engine import distributed
+from avcl import parallel
 
 
 def normalized_patch_mse(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True,
@@ -34,19 +34,19 @@ def normalized_patch_mse(pred: torch.Tensor, target: torch.Tensor, norm_pix: boo
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str = "mean",
              normalize: bool = True) -> torch.Tensor:
-    """Symmetric InfoNCE between paired rows of ``a`` and ``b`` (B, D) (spec A.3).
+    """Symmetric InfoNCE between paired rows of ``a`` and ``b`` (B, D) (FLAVA/STELLA's ``models/objectives.py``).
 
     Row i's term is ½[-log softmax_j(a_i·b_j/τ)_i - log softmax_j(b_i·a_j/τ)_i]; ``reduction="mean"``
-    averages the rows (the spec's L_NCE), ``"none"`` returns the (B,) terms. ``normalize``: L2-normalise
+    averages the rows (the code's contrastive loss), ``"none"`` returns the (B,) terms. ``normalize``: L2-normalise
     the rows first (the CAV-MAE/STELLA setting).
     """
     with torch.autocast(device_type=a.device.type, enabled=False):  # float32 logits: tau is small
         a, b = a.float(), b.float()
         if normalize:
             a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-        if distributed.is_gathering():  # several processes: every rank's rows are negatives (spec A.2)
-            a_all, offset = distributed.all_rows(a)
-            b_all, _ = distributed.all_rows(b)
+        if parallel.is_gathering():  # several processes: every rank's rows are negatives (as the STELLA code)
+            a_all, offset = parallel.all_rows(a)
+            b_all, _ = parallel.all_rows(b)
             labels = offset + torch.arange(len(a), device=a.device)
             rows = 0.5 * (F.cross_entropy(a @ b_all.t() / temperature, labels, reduction="none")
                           + F.cross_entropy(b @ a_all.t() / temperature, labels, reduction="none"))
@@ -64,7 +64,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: st
 
 def dino_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
                        student_temp: float, teacher_temp: float) -> torch.Tensor:
-    """DINO's cross-entropy with teacher centring (XKD spec B.4), averaged over all view pairs.
+    """DINO's cross-entropy with teacher centring (XKD's ``models/modules/loss.py``), averaged over all view pairs.
 
     ``student`` (Vs, B, K) logits of Vs student views, ``teacher`` (Vt, B, K) of Vt teacher views
     (detached here), ``center`` (K,). p_T = softmax((g_T - c) / teacher_temp),
@@ -84,8 +84,8 @@ def dino_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, center: tor
 def update_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float = 0.9) -> None:
     """DINO's centre update in place: c <- momentum * c + (1 - momentum) * mean of the teacher logits over
     every row of every view (``teacher`` (..., K)); with several processes the mean over every rank's
-    rows (all-reduced, spec B.4), so every replica keeps the same centre."""
-    mean = distributed.mean_rows(teacher.detach().float().reshape(-1, teacher.shape[-1]).mean(dim=0))
+    rows (all-reduced, as XKD's code), so every replica keeps the same centre."""
+    mean = parallel.mean_rows(teacher.detach().float().reshape(-1, teacher.shape[-1]).mean(dim=0))
     center.mul_(momentum).add_(mean.to(center.dtype), alpha=1 - momentum)
 
 
@@ -94,7 +94,7 @@ MMD_GAMMAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
 
 def gaussian_mmd(x: torch.Tensor, y: torch.Tensor, gammas=MMD_GAMMAS) -> torch.Tensor:
     """Biased (V-statistic) MMD^2 between the rows of ``x`` (N, D) and ``y`` (M, D) with the kernel
-    k(a, b) = sum_gamma exp(-gamma ||a - b||^2) (XKD's DomainBed ``MMD_Loss``, spec B.6):
+    k(a, b) = sum_gamma exp(-gamma ||a - b||^2) (XKD's DomainBed ``MMD_Loss``, ``models/modules/loss.py``):
     mean k(x, x') + mean k(y, y') - 2 mean k(x, y). Squared distances in float32, clamped at 0."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, y = x.float(), y.float()

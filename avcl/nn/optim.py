@@ -1,4 +1,4 @@
-"""The virtual optimizer step of MIR and GMED (continual_ssl_baselines.md §1.4).
+"""The virtual optimizer step of MIR and GMED (the STELLA code's ``utils/training_ops.py``).
 
 One step of the configured optimizer's rule is applied in place to the parameters, from their
 current ``.grad``, reading the optimizer's hyper-parameters (per param group) and its stored
@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
 
 
 @torch.no_grad()

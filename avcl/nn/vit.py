@@ -14,19 +14,22 @@ Every transformer model of avcl (the CAV backbone, later XKD) builds on these pi
   values ordered (pixel row, pixel column, channel)).
 * ``random_masking`` / ``split_selected``: per-row random permutations (argsort of uniform noise),
   vectorised over the batch; ``gather_tokens``: rows of a token tensor at per-row ids.
-* ``resolve_size``: the tiny / small / base presets, any field overridable in ``model.vit``.
+* ``ViTConfig`` (the options of ``model.vit``) and ``resolve_size``: the tiny / small / base presets, any
+  field overridable in ``model.vit``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avcl.errors import AvclError
+from avcl.core.errors import AvclError
+from avcl.core.options import option
+
 
 LN_EPS = 1e-6  # MAE's LayerNorm epsilon
 
@@ -46,6 +49,27 @@ class ViTSize:
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+
+@dataclass
+class ViTConfig:
+    """A ViT backbone: a size preset (tiny for CPUs, base = ViT-B as the papers), any field overridable."""
+    size: str = option("tiny", choices=("tiny", "small", "base"))  # tiny | small | base
+    width: Optional[int] = option(None, range=">=1")  # None: the preset's value (and likewise below)
+    depth: Optional[int] = option(None, range=">=1")  # modality-specific layers per modality
+    fusion_depth: Optional[int] = option(None, range=">=0")  # shared layers after them
+    heads: Optional[int] = option(None, range=">=1")
+    decoder_width: Optional[int] = option(None, range=">=1")
+    decoder_depth: Optional[int] = option(None, range=">=1")
+    decoder_heads: Optional[int] = option(None, range=">=1")
+    mlp_ratio: float = option(4.0, range=">0")
+    video_patch: int = option(16, range=">=1")  # side of the square per-frame patches, pixels
+    audio_patch: List[int] = option(factory=lambda: [16, 16], range=">=1")  # [time frames, mel bins]
+    frames: int = option(4, range=">=1")  # video frames per clip, sampled uniformly over the window
+    video_window: Optional[int] = option(None, range=">=1")  # consecutive frames the window spans; None: the whole clip
+    crop_scales: List[float] = option(factory=lambda: [1.0, 0.875, 0.75], range="(0,1]")  # train-time crops
+    audio_frames: Optional[int] = option(None, range=">=1")  # fbank frames a clip is padded/cut to; None: as the data
+    checkpoint: Optional[str] = None  # ImageNet MAE ViT-B weights: a .pth file or an HF ViTMAEModel dir
 
 
 SIZE_PRESETS: dict[str, ViTSize] = {
@@ -213,7 +237,7 @@ def patchify_frames(video: torch.Tensor, patch: int) -> torch.Tensor:
 def patchify_tubelets(video: torch.Tensor, tubelet: tuple[int, int, int]) -> torch.Tensor:
     """Spatio-temporal tubelets: (B, T, C, H, W) -> (B, (T/pt)*(H/ph)*(W/pw), pt*ph*pw*C), tokens in
     (time, row, col) order, values in (frame, pixel row, pixel column, channel) order. T, H and W must be
-    multiples of the tubelet sides (XKD's video tokenizer, spec B.2)."""
+    multiples of the tubelet sides (XKD's video tokenizer, as its ``xkd.yaml``)."""
     b, t, c, height, width = video.shape
     pt, ph, pw = tubelet
     x = video.reshape(b, t // pt, pt, c, height // ph, ph, width // pw, pw)
@@ -223,7 +247,7 @@ def patchify_tubelets(video: torch.Tensor, tubelet: tuple[int, int, int]) -> tor
 
 def resize_pos_embed(table: torch.Tensor, grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:
     """A positional table (1, prod(grid), D) for a token grid, interpolated to ``new_grid``: trilinear for
-    3-D grids (video tubelets), bicubic for 2-D grids (audio patches), as XKD (spec B.2). Returned as is
+    3-D grids (video tubelets), bicubic for 2-D grids (audio patches), as XKD's official code. Returned as is
     when the grids are equal; differentiable."""
     grid, new_grid = tuple(grid), tuple(new_grid)
     if grid == new_grid:
@@ -269,7 +293,6 @@ def read_clip_geometry(module, model_name: str, vit, example) -> None:
     """Set ``module``'s clip geometry from an example batch (``{"video": uint8 frames, "audio": fbank}``) and
     ``model.vit``: channels, data_frames, frame_size, mel_bins, audio_frames and the sampling window,
     refusing data or a config that do not fit (AvclError naming the model and key)."""
-    from avcl.errors import AvclError
     for key in ("audio", "video"):
         if key not in example:
             raise AvclError(f"model.name={model_name} needs '{key}' in the data; the dataset has {sorted(example)}")

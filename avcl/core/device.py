@@ -1,0 +1,64 @@
+"""The device a run trains on, its autocast, and the CPU allocator setting (``train.device``, ``train.bf16``,
+``train.cpu_keep_heap``)."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import sys
+from typing import Callable, Optional
+
+import torch
+
+from avcl.core.errors import AvclError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The torch device ``train.device`` names ("auto": CUDA, else MPS, else CPU); AvclError if it is absent."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AvclError(f"train.device={name}, but CUDA is not available here (torch {torch.__version__}"
+                            f"{', a CPU-only build' if torch.version.cuda is None else ', no GPU visible'}): "
+                            "use train.device=auto or cpu")
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise AvclError(f"train.device={name}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise AvclError("train.device=mps, but MPS is not available here: use train.device=auto or cpu")
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def keep_cpu_heap() -> bool:
+    """Make glibc malloc serve every allocation from its heap and keep freed memory for reuse.
+
+    By default glibc maps each large block (every activation of a big batch) fresh from the OS
+    and unmaps it on free, so every op's output page-faults on first touch; on AV-CIL's
+    (B, T, P, D) attention tensors that cost as much as the arithmetic (sys time ~ user time,
+    and far more inside VMs). This is what a caching allocator (jemalloc, tcmalloc, CUDA's)
+    avoids. Cost: the process keeps its peak heap until it exits. Linux with glibc only;
+    returns whether it was applied (elsewhere malloc is left alone).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def autocast_factory(device: torch.device, bf16: Optional[bool]) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast when asked (default: on CUDA only), else a no-op context."""
+    enabled = device.type == "cuda" if bf16 is None else bf16
+    if not enabled:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
