@@ -31,7 +31,7 @@ from avcl.core.device import pick_device
 from avcl.core.errors import AvclError
 from avcl.engine import runner  # runner.execute, looked up at each call (tests stand in for it)
 from avcl.engine.events import EventLog
-from avcl.engine.init_stage import run_init_stage
+from avcl.engine.init_stage import run_init_stage, wants_init
 from avcl.engine.progress import stage
 from avcl.engine.runner import make_scenario
 from avcl.report.plots import plot_run
@@ -80,7 +80,7 @@ def _parallel(runs, data_root, jobs: int, show_progress: bool) -> int:
     units = [(one, directory, name) for one, directory in runs for name in one.methods]
     for one, directory in runs:  # each seed's init stage once, before its workers load it
         write_seed_config(one, directory)
-        if one.init.epochs or one.init.avm_epochs or one.init.checkpoint or one.init.row:
+        if wants_init(one) or one.init.row:
             stage(f"init stage of {directory}")
             run_init_stage(one, make_scenario(one, data_root), directory, EventLog(directory / "events.jsonl"),
                            pick_device(one.train.device), show_progress)

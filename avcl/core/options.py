@@ -81,8 +81,9 @@ def check_value(key: str, value: Any, f: dataclasses.Field) -> None:
 
 def check_section(values: Any, cls: type, prefix: str, skip: Sequence[str] = ()) -> None:
     """Every field of the dataclass ``cls`` present in ``values`` (a plain mapping of that section, e.g.
-    ``OmegaConf.to_container(cfg.train)``) within its rule; fields that are dataclasses are checked recursively. ``prefix``: the section's
-    dotted key (e.g. "train", "method_args.lwf"); ``skip``: field names left out."""
+    ``OmegaConf.to_container(cfg.train)``) within its rule; fields that are dataclasses are checked
+    recursively. ``prefix``: the section's dotted key (e.g. "train", "method_args.lwf"); ``skip``: field
+    names left out."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name not in values:
