@@ -44,8 +44,9 @@ def matrix(run_dir, method):
     return torch.tensor([value for row in rows for value in row], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("methods,extra", [("[finetune,er,icarl]", []), ("[avcil]", AVCIL)],
-                         ids=["finetune-er-icarl", "avcil"])
+@pytest.mark.parametrize("methods,extra", [("[finetune,er,icarl]", []), ("[avcil]", AVCIL),
+                                           ("[er,icarl]", ["data.residency=stream", "data.workers=1"])],
+                         ids=["finetune-er-icarl", "avcil", "streamed"])
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, methods, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["synthetic", f"methods={methods}", *DDP_TINY, *extra]

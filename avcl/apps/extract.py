@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from avcl.core.errors import AvclError
 from avcl.core.io import file_sha256
-from avcl.data.store import FAILED, create_store, open_store
+from avcl.data.store import COMPRESSIONS, FAILED, create_store, open_store
 from avcl.media.decode import OK, DecodeOptions, decode_clip
 from avcl.media.frontend import AudioFrontend, audio_features
 from avcl.media.manifests import ClipItem, ClipList
@@ -103,6 +103,7 @@ class ExtractConfig:
     workers: int = 0  # decoding processes (0: decode in this process)
     batch_size: int = 16
     test_fraction: float = 0.2  # share of clips without a split put in "test" (stable hash of the id)
+    compression: str = "none"  # none | lzf | gzip, per row chunk (docs/scaling.md: measured read speed and size)
 
     def check(self) -> None:
         self.decode.check()
@@ -111,6 +112,8 @@ class ExtractConfig:
             raise AvclError(f"--output must be one of {list(OUTPUTS)}, got '{self.output}'")
         if self.snippets < 1 or self.workers < 0 or self.batch_size < 1 or not 0 <= self.test_fraction < 1:
             raise AvclError("need snippets >= 1, workers >= 0, batch_size >= 1 and 0 <= test_fraction < 1")
+        if self.compression not in COMPRESSIONS:
+            raise AvclError(f"--compression must be one of {list(COMPRESSIONS)}, got '{self.compression}'")
         if self.encoder not in ENCODERS:
             raise AvclError(f"unknown encoder '{self.encoder}' (available: {', '.join(ENCODERS)})")
         if self.output == "raw":
@@ -378,7 +381,7 @@ def extract(dataset: ClipList, out, config: ExtractConfig, report: Callable[[str
                 "fields": {name: list(shape) for name, shape in shapes.items()}}
     writer = create_store(out, [item.id for item in items], fields=fields,
                           labels=dataset.label_index(), splits=[_split_of(i, config.test_fraction) for i in items],
-                          class_names=dataset.class_names, manifest=manifest)
+                          class_names=dataset.class_names, manifest=manifest, compression=config.compression)
     with writer:
         pending = writer.pending()
         computed = 0

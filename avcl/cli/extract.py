@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from avcl.apps.extract import OUTPUTS, PRESETS, extract, make_config
+from avcl.data.store import COMPRESSIONS
 from avcl.media.manifests import READERS, read_dataset
 
 
@@ -19,7 +20,7 @@ def _extract(args) -> int:
 
     config = make_config(args.preset, args.overrides, encoder=args.encoder, output=args.output,
                          snippets=args.snippets, workers=args.workers, batch_size=args.batch_size,
-                         test_fraction=args.test_fraction)
+                         test_fraction=args.test_fraction, compression=args.compression)
     if args.weights:
         config.encoder_options.weights = args.weights
         config.check()
@@ -66,4 +67,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="clips per encoder batch")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="share of clips without a split that go to 'test' (stable per clip id)")
+    parser.add_argument("--compression", default="none", choices=COMPRESSIONS,
+                        help="per-row compression of the store's fields (default none: the fastest random reads; "
+                             "lzf/gzip: smaller files, measured in docs/scaling.md)")
     parser.set_defaults(func=_extract)

@@ -44,6 +44,10 @@ class TrainConfig:
     # several processes (torchrun): seconds a collective may wait for the other ranks before the run
     # stops with an error (a rank that dies is usually seen at once: its connections close)
     dist_timeout: float = option(1800.0, range=">0")
+    # mid-task checkpoints (<method>/step_checkpoint.pt, avcl.engine.runner): every this many optimizer steps
+    # and/or this many minutes (0: only at the end of each task); a killed run resumes from the last one
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 0.0
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Callable
 
 from avcl.core.errors import AvclError
 from avcl.core.samples import Samples
+from avcl.data import stream
 
 
 @dataclass
@@ -54,7 +55,23 @@ def dataset_options(name: str) -> type:
 
 
 def build_dataset(options, data_root: str | None, seed: int) -> AVDataset:
-    return DATASETS[options.name].build(options, data_root, seed)
+    """The dataset of the ``data`` section, resident or streamed as ``data.residency`` says (avcl.data.stream):
+    a store-backed dataset decides while it is read; one built in memory is written to a temporary store
+    and streamed only under ``data.residency=stream``."""
+    dataset = DATASETS[options.name].build(options, data_root, seed)
+    if "residency" in dataset.info:
+        return dataset
+    splits = {"train": dataset.train, "val": dataset.val, "test": dataset.test, "held_out": dataset.held_out}
+    nbytes = sum(value.nbytes for samples in splits.values() for value in samples.values() if hasattr(value, "nbytes"))
+    if getattr(options, "residency", "memory") != "stream":
+        dataset.info["residency"] = f"resident: built in memory ({nbytes / 2**30:.2f} GiB)"
+        return dataset
+    splits = stream.spill({name: samples for name, samples in splits.items() if samples}, options.cache_dir)
+    dataset.train, dataset.val, dataset.test = (splits.get(name, {}) for name in ("train", "val", "test"))
+    dataset.held_out = splits.get("held_out", {})
+    dataset.info["residency"] = (f"streamed: data.residency=stream ({nbytes / 2**30:.2f} GiB written to a "
+                                 f"temporary store in {options.cache_dir or 'the temporary directory'})")
+    return dataset
 
 
 def _import_all() -> None:

@@ -29,6 +29,7 @@ from avcl.data import AVDataset, register_dataset
 from avcl.data.features import check_fields, dataset_from_rows, resolve_store, stratified_pick
 from avcl.data.sources import find_under_roots
 from avcl.data.store import WRITTEN
+from avcl.data.stream import ResidencyOptions
 from avcl.media.manifests import read_ave, read_kinetics
 
 
@@ -50,7 +51,7 @@ def _store_rows(store, ids: list[str], require_audio: bool) -> np.ndarray:
 
 
 @dataclass
-class AVEOptions:
+class AVEOptions(ResidencyOptions):
     name: str = "ave"
     annotations: str = "ave/Annotations.txt"  # relative to the data root, or absolute
     store: str = "ave/snippets.h5"  # snippet features keyed by video id
@@ -88,11 +89,11 @@ def build_ave(opts: AVEOptions, data_root: str | None, seed: int) -> AVDataset:
     store_labels = np.full(len(store), -1)
     store_labels[rows[present]] = labels[present]
     return dataset_from_rows("ave", store, rows_of, store_labels, fields, opts.dtype, classes, {
-        "annotations": str(annotations), "split": split_source, "videos_without_features": missing})
+        "annotations": str(annotations), "split": split_source, "videos_without_features": missing}, opts)
 
 
 @dataclass
-class AVKOptions:
+class AVKOptions(ResidencyOptions):
     name: str = "avk"
     annotations: str = "kinetics400/annotations.csv"  # youtube_id,time_start,time_end,label,split
     store: str = "kinetics400/snippets.h5"
@@ -135,4 +136,4 @@ def build_avk(opts: AVKOptions, data_root: str | None, seed: int) -> AVDataset:
     ids = {name: [store.ids[r] for r in rows_of[name]] for name in rows_of}
     return dataset_from_rows(f"avk{opts.num_classes}", store, rows_of, store_labels, fields, opts.dtype, classes, {
         "annotations": str(annotations), "construction": "ours (HAD's AVK construction is not public)",
-        "classes": classes, "video_ids": ids, "videos_without_audio_features": int((~present).sum())})
+        "classes": classes, "video_ids": ids, "videos_without_audio_features": int((~present).sum())}, opts)

@@ -36,6 +36,7 @@ from avcl.core.errors import AvclError
 from avcl.data import AVDataset, register_dataset
 from avcl.data.features import FeaturesOptions, build_features, torch_dtype
 from avcl.data.sources import data_roots
+from avcl.data.stream import ResidencyOptions
 
 
 FOLDERS = {"AVE": "AVE", "ksounds": "kinetics-sounds", "VGGSound_100": "VGGSound_100"}
@@ -48,7 +49,7 @@ STORE_FILE = "avcl_features.h5"
 
 
 @dataclass
-class AVCILOfficialOptions:
+class AVCILOfficialOptions(ResidencyOptions):
     name: str = "avcil_official"
     dataset: str = "AVE"  # AVE | ksounds | VGGSound_100
     root: str = ""  # folder holding <dir>/ (the official data/); "" = the data root

@@ -37,6 +37,7 @@ from avcl.data import AVDataset, register_dataset
 from avcl.data.features import stratified_pick
 from avcl.data.sources import (FSDD_URL, MNIST_URLS, default_cache_dir, list_fsdd, load_mnist_test, locate_fsdd,
                                locate_mnist, read_wav)
+from avcl.data.stream import ResidencyOptions
 from avcl.media.audio import kaldi_fbank
 
 
@@ -44,7 +45,7 @@ FSDD_TEST_TAKES = 5  # official split: takes 0-4 are the test set
 
 
 @dataclass
-class AVDigitsOptions:
+class AVDigitsOptions(ResidencyOptions):
     name: str = "avdigits"
     download: bool = True  # fetch FSDD/MNIST into the cache when no local copy is found
     fsdd_url: str = FSDD_URL

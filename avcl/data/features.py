@@ -19,9 +19,11 @@ import torch
 
 from avcl.core.errors import AvclError
 from avcl.core.options import option
+from avcl.core.samples import LazyRows
 from avcl.data import AVDataset, register_dataset
 from avcl.data.sources import find_under_roots
 from avcl.data.store import WRITTEN, FeatureStore, open_store
+from avcl.data.stream import ResidencyOptions, StoreRows, choose
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,7 +38,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 @dataclass
-class FeaturesOptions:
+class FeaturesOptions(ResidencyOptions):
     name: str = "features"
     store: str = ""  # path of the .h5 feature store
     fields: Optional[List[str]] = None  # None: every field of the store
@@ -86,7 +88,7 @@ def require_raw(data, where: str | None = None) -> None:
             data = data.train
         where = where or "samples"
         fields = {name: (tuple(value.shape[1:]), str(value.dtype).removeprefix("torch."))
-                  for name, value in data.items() if torch.is_tensor(value)}
+                  for name, value in data.items() if torch.is_tensor(value) or isinstance(value, LazyRows)}
     video, audio = fields.get("video"), fields.get("audio")
     frames_ok = video is not None and video[1] == "uint8" and (
         len(video[0]) == 3 or (len(video[0]) == 4 and video[0][-1] == 3))
@@ -121,33 +123,44 @@ def stratified_pick(labels: np.ndarray, candidates: np.ndarray, fraction: float,
 
 
 def dataset_from_rows(name: str, store, rows_of: dict[str, np.ndarray], labels: np.ndarray, fields: list[str],
-                      dtype: str, class_names: list[str], info: dict) -> AVDataset:
+                      dtype: str, class_names: list[str], info: dict, residency=None) -> AVDataset:
     """An AVDataset of the store rows in ``rows_of[split]`` with ``labels[row]``; an optional
     ``rows_of["held_out"]`` becomes ``AVDataset.held_out`` (clips kept out of the stream).
 
-    Each split is read on its own (one read per field and split), so the features are held
-    once, never as a whole-store tensor plus per-split copies.
+    Resident (``residency``: the dataset's ``ResidencyOptions``; avcl.data.stream): each split is read on
+    its own (one read per field and split), so the features are held once, never as a whole-store tensor
+    plus per-split copies. Streamed: each field is a ``StoreRows`` of the split's rows, read batch by batch.
     """
     dtype = torch_dtype(dtype)
     names = ("train", "val", "test") + (("held_out",) if "held_out" in rows_of else ())
     used = np.concatenate([rows_of[s] for s in names])
     masks = {f: store.mask(f) for f in fields}  # every split carries a field's mask if any used row lacks it
     masked = [f for f in fields if not masks[f][used].all()]
+    dtypes = {f: field_dtype(store, f, dtype) for f in fields}
+    itemsize = {f: torch.empty((), dtype=dtypes[f]).element_size() if dtypes[f] else np.dtype(store.fields[f][1]).itemsize
+                for f in fields}  # in memory: floats as data.dtype, integers as stored
+    nbytes = sum(len(used) * int(np.prod(store.fields[f][0], dtype=np.int64)) * itemsize[f] for f in fields)
+    streamed, why = choose(residency or ResidencyOptions(residency="memory"), nbytes)
 
     def split(which: str) -> dict[str, torch.Tensor]:
         rows = np.asarray(rows_of[which])
-        order = np.argsort(rows, kind="stable")  # the store reads sorted rows in contiguous runs
-        samples = {f: store.load(f, rows[order], field_dtype(store, f, dtype)) for f in fields}
-        if (np.diff(rows) < 0).any():  # back to the split's own order
-            inverse = torch.from_numpy(np.argsort(order))
-            samples = {f: values[inverse] for f, values in samples.items()}
+        if streamed:
+            samples = {f: StoreRows(store.path, f"features/{f}", rows, store.fields[f][0], store.fields[f][1], dtypes[f])
+                       for f in fields}
+        else:
+            order = np.argsort(rows, kind="stable")  # the store reads sorted rows in contiguous runs
+            samples = {f: store.load(f, rows[order], dtypes[f]) for f in fields}
+            if (np.diff(rows) < 0).any():  # back to the split's own order
+                inverse = torch.from_numpy(np.argsort(order))
+                samples = {f: values[inverse] for f, values in samples.items()}
         samples.update({f"{f}_mask": torch.from_numpy(masks[f][rows]) for f in masked})
         samples["label"] = torch.from_numpy(labels[rows]).long()
         return samples
 
     return AVDataset(name=name, train=split("train"), val=split("val"), test=split("test"),
                      held_out=split("held_out") if "held_out" in rows_of else {},
-                     class_names=list(class_names), info={"store": str(store.path), "manifest": store.manifest, **info})
+                     class_names=list(class_names), info={"store": str(store.path), "manifest": store.manifest, **info,
+                                                          "residency": why})
 
 
 @register_dataset("features", FeaturesOptions, "a feature store written by avcl extract / convert-features")
@@ -166,4 +179,4 @@ def build_features(opts: FeaturesOptions, data_root: str | None, seed: int) -> A
     num_classes = int(store.labels[usable].max()) + 1
     names = store.class_names or [f"class{c}" for c in range(num_classes)]
     return dataset_from_rows("features", store, rows_of, store.labels, fields, opts.dtype, names,
-                             {"failed_rows": int((store.status != WRITTEN).sum())})
+                             {"failed_rows": int((store.status != WRITTEN).sum())}, opts)

@@ -69,17 +69,24 @@ class FeatureStoreWriter:
         single = np.ndim(rows) == 0
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         order = np.argsort(rows)  # h5py wants increasing indices
-        for name, value in values.items():
+        for name in values:
             if name not in self.fields:
                 raise KeyError(f"{self.path}: no field '{name}' (fields: {sorted(self.fields)})")
-            array = np.asarray(value)
-            array = array[None] if single else array
-            self.h5["features"][name][rows[order]] = array[order]
-        for name in self.fields:
-            present = np.ones(len(rows), dtype=bool) if masks is None or name not in masks \
-                else np.atleast_1d(np.asarray(masks[name], dtype=bool))
-            self.h5["masks"][name][rows[order]] = present[order]
-        self._set_status(rows[order], WRITTEN, "")
+        try:
+            for name, value in values.items():
+                array = np.asarray(value)
+                array = array[None] if single else array
+                self.h5["features"][name][rows[order]] = array[order]
+            for name in self.fields:
+                present = np.ones(len(rows), dtype=bool) if masks is None or name not in masks \
+                    else np.atleast_1d(np.asarray(masks[name], dtype=bool))
+                self.h5["masks"][name][rows[order]] = present[order]
+            self._set_status(rows[order], WRITTEN, "")
+        except OSError as err:  # a full disk, a lost mount: the rows written so far are kept (the store resumes)
+            first = self.ids[int(rows[order][0])] if len(rows) else "?"
+            raise AvclError(f"{self.path}: cannot write row {int(rows[order][0])} ('{first}'"
+                            f"{f' and {len(rows) - 1} more' if len(rows) > 1 else ''}): {err}; free space "
+                            "(the extraction resumes where it stopped) or write elsewhere with --out") from None
 
     def fail(self, row: int, reason: str) -> None:
         self._set_status(np.array([row]), FAILED, reason)
@@ -113,13 +120,21 @@ class FeatureStoreWriter:
         self.close()
 
 
+COMPRESSIONS = ("none", "lzf", "gzip")  # what `avcl extract --compression` offers (benchmarks/loader.py)
+
+
 def create_store(path, ids: list[str], fields: dict[str, tuple[tuple[int, ...], str]], *,
                  labels: Iterable[int] | None = None, splits: Iterable[str] | None = None,
-                 class_names: list[str] | None = None, manifest: dict | None = None) -> FeatureStoreWriter:
+                 class_names: list[str] | None = None, manifest: dict | None = None,
+                 compression: str = "none") -> FeatureStoreWriter:
     """Create a store at ``path``, or reopen an incomplete one with the same ids and fields.
 
-    ``fields`` maps a name to (per-row shape, dtype). A complete store is never overwritten.
+    ``fields`` maps a name to (per-row shape, dtype). A complete store is never overwritten. Every
+    field is chunked one row per chunk (a random row is one chunk read), compressed with ``compression``
+    (none | lzf | gzip: h5py's filters; measured in docs/scaling.md).
     """
+    if compression not in COMPRESSIONS:
+        raise AvclError(f"unknown compression '{compression}' (one of {', '.join(COMPRESSIONS)})")
     path = Path(path)
     fields = {name: (tuple(int(s) for s in shape), str(np.dtype(dt))) for name, (shape, dt) in fields.items()}
     if path.exists():
@@ -146,7 +161,8 @@ def create_store(path, ids: list[str], fields: dict[str, tuple[tuple[int, ...], 
     handle.create_dataset("status", data=np.zeros(n, dtype=np.uint8))
     handle.create_dataset("errors", data=[""] * n, dtype=_STR)
     for name, (shape, dt) in fields.items():
-        handle.create_dataset(f"features/{name}", shape=(n, *shape), dtype=dt, chunks=(1, *shape) if n else None)
+        handle.create_dataset(f"features/{name}", shape=(n, *shape), dtype=dt, chunks=(1, *shape) if n else None,
+                              compression=None if compression == "none" or not n else compression)
         handle.create_dataset(f"masks/{name}", shape=(n,), dtype=bool)
     handle.flush()
     return FeatureStoreWriter(path, handle)

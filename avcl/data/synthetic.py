@@ -13,10 +13,11 @@ import torch
 
 from avcl.core.options import option
 from avcl.data import AVDataset, register_dataset
+from avcl.data.stream import ResidencyOptions
 
 
 @dataclass
-class SyntheticOptions:
+class SyntheticOptions(ResidencyOptions):
     name: str = "synthetic"
     num_classes: int = option(10, range=">=1")
     train_per_class: int = option(60, range=">=1")

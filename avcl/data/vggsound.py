@@ -42,6 +42,7 @@ from avcl.data import AVDataset, register_dataset
 from avcl.data.annotated import _store_rows
 from avcl.data.features import dataset_from_rows, require_raw, resolve_store, stratified_pick
 from avcl.data.sources import find_under_roots
+from avcl.data.stream import ResidencyOptions
 from avcl.media.manifests import read_vggsound
 
 
@@ -51,7 +52,7 @@ _PART = re.compile(r"^(.+)_part(\d+)$")
 
 
 @dataclass
-class VGGSoundStreamOptions:
+class VGGSoundStreamOptions(ResidencyOptions):
     name: str = "vggsound_stream"
     # the official list, youtube_id,start_seconds,label,split (split train|test); a file,label list
     # (the released test.csv) is read too, its split from the file name
@@ -229,4 +230,4 @@ def build_vggsound_stream(opts: VGGSoundStreamOptions, data_root: str | None, se
         "held_out_classes": held_classes,
         "counts": {s: len(v) for s, v in ids.items()},
         "clips_without_store_audio": int((~present).sum()),
-        "video_ids": ids})
+        "video_ids": ids}, opts)

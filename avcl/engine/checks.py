@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from avcl.config import method_hparams_for
 from avcl.core.device import pick_device
 from avcl.core.errors import AvclError
-from avcl.core.samples import num_samples, select
+from avcl.core.samples import gather, num_samples
 from avcl.data.features import require_raw
 from avcl.engine.init_stage import check_init
 from avcl.engine.loggers import check_loggers
@@ -48,7 +48,7 @@ def check_forward(cfg: DictConfig, model, samples) -> None:
     """One forward pass of the model on two training clips (on the CPU, no gradients): any mismatch
     between the data's shapes and the model config (``model.visual_grid``, encoders that expect raw
     inputs fed features, ...) is refused here, before anything is written."""
-    rows = select(samples, torch.arange(min(2, num_samples(samples))))
+    rows = gather(samples, torch.arange(min(2, num_samples(samples))))
     shapes = ", ".join(f"{k} {tuple(v.shape[1:])} {str(v.dtype).replace('torch.', '')}"
                        for k, v in rows.items() if k in ("audio", "video"))
     try:

@@ -123,7 +123,8 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
             for cls, hparams in stages:
                 if hparams.epochs:
                     trainer.fit_task(cls(model, hparams, cfg), held_out,
-                                     lambda e, loss, n=cls.name: log("init_epoch", stage=n, epoch=e, loss=loss))
+                                     lambda e, loss, n=cls.name: log("init_epoch", stage=n, epoch=e, loss=loss),
+                                     loader_cfg=cfg.data)
         seconds, peak_mib = time.perf_counter() - started, peak.mib
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if main:

@@ -94,18 +94,21 @@ def task_values(metrics: dict) -> dict:
 class MethodLog:
     """The logs of one method in ``run_dir/name``; ``start_task``: the first task trained now."""
 
-    def __init__(self, run_dir: Path, name: str, start_task: int, epochs_per_task: int, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, name: str, start_task: int, epochs_per_task: int, tensorboard: bool = False,
+                 start_epoch: int = 0):
+        """``start_epoch``: resumed inside task ``start_task`` (a step checkpoint): its earlier epochs' rows stay."""
         out = run_dir / name
         out.mkdir(parents=True, exist_ok=True)
-        keep = lambda row: int(row["task"]) < start_task  # noqa: E731
-        self.epochs_csv, self.tasks_csv = CsvTable(out / "epochs.csv", keep), CsvTable(out / "tasks.csv", keep)
+        self.epochs_csv = CsvTable(out / "epochs.csv", lambda row: (int(row["task"]), int(row["epoch"])) <
+                                   (start_task, start_epoch))
+        self.tasks_csv = CsvTable(out / "tasks.csv", lambda row: int(row["task"]) < start_task)
         self.epochs_per_task = epochs_per_task
         self.pending: dict | None = None  # the last epoch's row, until its val accuracy may join it
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional extra (avcl[tensorboard]), checked before
-            self.writer = SummaryWriter(str(run_dir / "tensorboard" / name),
-                                        purge_step=start_task * epochs_per_task if start_task else None)
+            purge = start_task * epochs_per_task + start_epoch
+            self.writer = SummaryWriter(str(run_dir / "tensorboard" / name), purge_step=purge if purge else None)
 
     def epoch(self, task: int, epoch: int, loss: float, terms: dict, seconds: float, elapsed: float) -> None:
         row = {"task": task, "epoch": epoch, "loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
@@ -187,5 +190,7 @@ class NoLog:
     def val(self, *args, **kwargs) -> None: ...
 
     def task(self, *args, **kwargs) -> None: ...
+
+    def flush(self) -> None: ...
 
     def close(self) -> None: ...

@@ -8,6 +8,9 @@ Run directory::
     <method>/metrics.json    written after every task; "complete": true when the method is done
     <method>/checkpoint.pt   after every task: model, method state (memory...), optimizer, RNG, metrics;
                              deleted once the method is complete unless train.keep_checkpoints=true
+    <method>/step_checkpoint.pt  inside a task, every train.checkpoint_every steps / checkpoint_minutes: the
+                             task's position (model, optimizer, method state, RNG, epoch, permutation, step);
+                             deleted when the task ends
     <method>/model.pt        the final model's weights (train.save_model; default: pre-training models)
     <method>/accuracy_matrix.png, accuracy.png   plots (retrieval_matrix.png, retrieval.png)
     <method>/epochs.csv, tasks.csv   per-epoch losses (each loss term), val accuracy, times; per-task metrics
@@ -17,7 +20,10 @@ Run directory::
 What is measured after each task is the protocol's (``eval.protocol``, avcl.eval.protocols).
 
 A killed run resumes from each method's last checkpoint and reproduces the uninterrupted
-run's metrics (on CPU; wall-clock times aside).
+run's metrics (on CPU; wall-clock times aside). Inside a task it resumes from the step checkpoint: the task
+starts again from its starting state (the previous task's checkpoint, or the fresh model), ``before_task`` and
+``training_data`` run as the first time, then the step checkpoint's state replaces the model's, the
+optimizer's, the method's and the RNGs', and training continues at the next step of the same permutation.
 """
 from __future__ import annotations
 
@@ -67,7 +73,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
     main = parallel.is_main()  # several processes: rank 0 alone writes; every rank reads
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    metrics_path, ckpt_path = out / "metrics.json", out / "checkpoint.pt"
+    metrics_path, ckpt_path, step_path = out / "metrics.json", out / "checkpoint.pt", out / "step_checkpoint.pt"
     if metrics_path.is_file():
         done = json.loads(metrics_path.read_text())
         if done.get("complete"):
@@ -98,13 +104,19 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         record, start_task = state["record"], state["task"] + 1
         set_rng_state(state["rng"])
         log("method_resume", method=name, task=start_task)
+    mid = torch.load(step_path, map_location=device, weights_only=True) if step_path.is_file() else None
+    if mid is not None and mid["task"] != start_task:  # left by a kill after its task's checkpoint was written
+        mid = None
+    if mid is not None:
+        log("method_resume", method=name, task=start_task, epoch=mid["epoch"], step=mid["step"])
     epochs = method.hp.epochs or cfg.train.epochs
     own_progress = progress is None
     if own_progress:
         progress = RunProgress(len(tasks) * epochs, start_task * epochs, show_progress,
                                interval=cfg.log.progress_seconds)
     interactive = show_progress and progress.interactive
-    logs = MethodLog(run_dir, name, start_task, epochs, cfg.log.tensorboard) if main else NoLog()
+    logs = MethodLog(run_dir, name, start_task, epochs, cfg.log.tensorboard,
+                     start_epoch=mid["epoch"] if mid is not None else 0) if main else NoLog()
     log("method_start", method=name, start_task=start_task)
     for t in range(start_task, len(tasks)):
         task = tasks[t]
@@ -116,6 +128,8 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
             nonlocal last_epoch
             now = time.perf_counter()
             logs.epoch(t, epoch, loss, method.pop_terms(), now - last_epoch, now - started)
+            if cfg.train.model_selection != "best_val":  # no val accuracy joins the row: on disk now (a kill keeps it)
+                logs.flush()
             last_epoch = now
             progress.advance(1)
             progress.at(name, t, len(tasks), epoch + 1, epochs, loss=f"{loss:.3f}")
@@ -129,9 +143,18 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         seen_val = (concat([s.val for s in seen])  # model selection: all seen classes
                     if cfg.train.model_selection == "best_val" else None)
         method.pop_terms()  # only the terms of this task's epochs
+        def save_step(state: dict, t: int = t) -> None:
+            if main:
+                atomic_torch_save({"task": t, **state}, step_path)
+                log("step_checkpoint", method=name, task=t, epoch=state["epoch"], step=state["step"],
+                    mib=round(step_path.stat().st_size / 2**20, 2))
+
         with PeakMemory(device) as peak:
             optimizer = trainer.fit_task(method, task, on_epoch, val=seen_val, on_val=on_val,
-                                         optimizer=optimizer if stream_optimizer else None)
+                                         optimizer=optimizer if stream_optimizer else None,
+                                         checkpoint=save_step if (cfg.train.checkpoint_every or
+                                                                  cfg.train.checkpoint_minutes) else None,
+                                         resume=mid if t == start_task else None, loader_cfg=cfg.data)
         seconds = time.perf_counter() - started
         method.model.eval()
         parallel.check_replicas(method.replicated_state(), f"{name} task {t}")  # same model and memory on every rank
@@ -151,6 +174,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
             if complete and wants_model_file(cfg, method.model):  # before metrics.json marks the method complete
                 atomic_torch_save({"model": method.model.state_dict()}, out / "model.pt")
             atomic_write_json(metrics_path, metrics)
+            step_path.unlink(missing_ok=True)  # the task's end supersedes its step checkpoints
             if complete and not cfg.train.keep_checkpoints:  # only resuming needs it, and the method is done
                 ckpt_path.unlink(missing_ok=True)
         logs.task(t, seconds, metrics)
@@ -177,7 +201,7 @@ def make_scenario(cfg: DictConfig, data_root: str | None = None):
     started = time.perf_counter()
     dataset = build_dataset(cfg.data, data_root, cfg.seed)
     stage(f"building the scenario: {cfg.scenario.num_tasks} tasks "
-          f"(data loaded in {time.perf_counter() - started:.1f} s)")
+          f"(data loaded in {time.perf_counter() - started:.1f} s; {dataset.info.get('residency', 'resident')})")
     return scenario_from_config(dataset, cfg)
 
 

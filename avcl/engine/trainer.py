@@ -3,19 +3,26 @@
 Per task: ``method.before_task`` -> epochs of mini-batches (new data, plus memory as the
 method asks) -> ``method.after_task``. Hooks are per task, never per forward pass, so the
 loop costs next to nothing over a hand-written one (benchmarks/engine_overhead.py).
-Task data stays resident on the device and is batch-indexed.
+Task data stays resident on the device and is batch-indexed; a streamed task (``data.residency``,
+avcl.data.stream) is read batch by batch by DataLoader workers, in the same order. Every
+``train.checkpoint_every`` steps (or ``checkpoint_minutes``) the task's position is handed to the runner,
+which writes it: a killed run resumes inside the task.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
 from avcl import parallel
-from avcl.core.samples import Samples, batches, concat, num_samples, select, to_device
+from avcl.core.rng import rng_state, set_rng_state
+from avcl.core.samples import Samples, concat, is_streamed, num_samples, select, to_device
+from avcl.data.stream import StreamLoader
 from avcl.eval.evaluator import correct_predictions
+from avcl.memory import sharding
 from avcl.memory.buffer import ExemplarMemory
 from avcl.methods.base import Method
 
@@ -27,8 +34,42 @@ def make_optimizer(params, train_cfg, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, betas=tuple(train_cfg.adam_betas), weight_decay=train_cfg.weight_decay)
 
 
+class Clock:
+    """When a mid-task checkpoint is due: every ``every`` optimizer steps and/or ``minutes`` minutes
+    (several processes: rank 0's clock decides, for every rank)."""
+
+    def __init__(self, every: int, minutes: float):
+        self.every, self.seconds = int(every or 0), 60.0 * float(minutes or 0)
+        self.steps, self.last = 0, time.monotonic()
+
+    def due(self, sharded: bool) -> bool:
+        self.steps += 1
+        due = bool(self.every) and self.steps % self.every == 0
+        if self.seconds:
+            late = time.monotonic() - self.last >= self.seconds
+            if sharded:  # one rank's clock, so that every rank checkpoints at the same step
+                late = bool(parallel.broadcast_flag(late))
+            due = due or late
+        if due:
+            self.last = time.monotonic()
+        return due
+
+
+def step_state(method: Method, optimizer, epoch: int, step: int, order: torch.Tensor, total: torch.Tensor,
+               steps: int, best_accuracy: float, best_state) -> dict:
+    """A task's position after ``step`` steps of ``epoch``: what a resumed run needs to continue exactly (the
+    model, optimizer, method state, every RNG, the epoch's permutation, the epoch's loss sums so far)."""
+    terms = method.__dict__.get("_terms", {})
+    return {"epoch": epoch, "step": step, "order": order.cpu(), "total": total.detach().cpu(), "steps": steps,
+            "terms": {k: [t, c, list(p)] for k, (t, c, p) in terms.items()},
+            "best_accuracy": best_accuracy, "best_state": best_state,
+            "model": method.model.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": rng_state(), "rank_randoms": parallel.gather_objects(parallel.rank_random_state()),
+            **sharding.rank_memory(method.memory)}  # several processes: every rank's reservoir (a collective)
+
+
 def flagged(samples: Samples, from_memory: bool) -> Samples:
-    device = next(iter(samples.values())).device
+    device = next((v.device for v in samples.values() if torch.is_tensor(v)), torch.device("cpu"))
     return {**samples, "from_memory": torch.full((num_samples(samples),), from_memory,
                                                  dtype=torch.bool, device=device)}
 
@@ -47,7 +88,8 @@ class Trainer:
 
     def fit_task(self, method: Method, task, on_epoch: Callable[[int, float], None] = lambda e, l: None,
                  val: Optional[Samples] = None, on_val: Callable[[int, float], None] = lambda e, a: None,
-                 optimizer: Optional[torch.optim.Optimizer] = None):
+                 optimizer: Optional[torch.optim.Optimizer] = None, checkpoint: Optional[Callable[[dict], None]] = None,
+                 resume: Optional[dict] = None, loader_cfg=None):
         """Train ``method`` on ``task``; returns the optimizer (its state goes into the checkpoint).
 
         ``optimizer``: continue with this one (``train.optimizer_scope=stream``); None: a fresh one.
@@ -55,6 +97,13 @@ class Trainer:
         With ``train.model_selection=best_val`` the accuracy on ``val`` (the val data of all seen
         classes, FC head, no task id) is measured after every epoch and the task ends with the
         weights of the best epoch (the first, on ties), as AV-CIL's official code does.
+
+        A streamed task (``avcl.data.stream``) is read by a ``StreamLoader`` (``loader_cfg``: the ``data``
+        section's workers and prefetch) in the same order as resident data.
+
+        ``checkpoint(state)``: called on every rank every ``train.checkpoint_every`` steps / ``checkpoint_minutes``
+        with the task's position (``step_state``); ``resume``: such a state, to continue from (after
+        ``before_task`` and ``training_data`` ran again on the task's starting state, as the first time).
         """
         cfg, hp = self.train_cfg, method.hp
         select_best = cfg.model_selection == "best_val" and bool(val) and num_samples(val) > 0
@@ -80,11 +129,35 @@ class Trainer:
         sharded = parallel.current() is not None
         if sharded:  # the rank's own stream for its rows' augmentations (parallel.RankRandom)
             parallel.seed_rank_random(int(method.cfg.seed), len(method.task_ranges), self.device)
-        for epoch in range(hp.epochs or cfg.epochs):
-            total, steps = torch.zeros((), device=self.device), 0
+        loader = (StreamLoader(data, self.device, loader_cfg.workers if loader_cfg else 0,
+                               loader_cfg.prefetch if loader_cfg else 2) if is_streamed(data) else None)
+        n, start_epoch, start_step, order = num_samples(data), 0, 0, None
+        total, steps = torch.zeros((), device=self.device), 0
+        if resume is not None:
+            method.model.load_state_dict(resume["model"])
+            method.load_state_dict(resume["method"])
+            optimizer.load_state_dict(resume["optimizer"])
+            start_epoch, start_step, order = resume["epoch"], resume["step"], resume["order"]
+            total, steps = resume["total"].to(self.device), resume["steps"]
+            method.__dict__["_terms"] = resume["terms"]
+            best_accuracy, best_state = resume["best_accuracy"], resume["best_state"]
+            sharding.load_rank_memory(method.memory, resume, int(method.cfg.seed))
+            set_rng_state(resume["rng"])
+            parallel.set_rank_random_state(resume["rank_randoms"][parallel.rank()] if sharded else None)
+        clock = Clock(cfg.checkpoint_every, cfg.checkpoint_minutes) if checkpoint is not None else None
+        for epoch in range(start_epoch, hp.epochs or cfg.epochs):
+            if order is None:
+                order = torch.randperm(n)  # as batches(shuffle=True) draws it
+            if epoch > start_epoch or resume is None:
+                total, steps = torch.zeros((), device=self.device), 0
             # several processes: this rank's slice of each global batch (avcl.parallel)
-            for batch, step in (parallel.shard_batches(data, cfg.batch_size) if sharded else
-                                ((b, None) for b in batches(data, cfg.batch_size, shuffle=True))):
+            cut = parallel.shard_rows(order, cfg.batch_size) if sharded else \
+                [(order[s:s + cfg.batch_size], None) for s in range(0, n, cfg.batch_size)]
+            first = start_step if epoch == start_epoch else 0
+            cut = cut[first:]
+            rows_of = loader.epoch([rows for rows, _ in cut]) if loader is not None else \
+                (select(data, rows.to(self.device)) for rows, _ in cut)
+            for index, (batch, (_, step)) in enumerate(zip(rows_of, cut), start=first):
                 if replay is not None:
                     pick = torch.randint(num_samples(replay), (cfg.replay_batch_size,))
                     if step is not None:
@@ -100,6 +173,11 @@ class Trainer:
                 optimizer.step()
                 total += loss.detach()
                 steps += 1
+                if clock is not None and clock.due(sharded):
+                    checkpoint(step_state(method, optimizer, epoch, index + 1, order, total, steps,
+                                          best_accuracy, best_state))
+                parallel.test_stop(f"{method.name}:{len(method.task_ranges) - 1}:{epoch}:{index + 1}")
+            order = None
             if sharded:  # the epoch's loss over every rank's slices (equal slices: the mean of the means)
                 total = parallel.average(total)
             on_epoch(epoch, float(total) / max(steps, 1))  # one host sync per epoch, not per step
@@ -111,6 +189,8 @@ class Trainer:
                     best_accuracy = accuracy
                     best_state = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
                 method.model.train()
+        if loader is not None:
+            loader.close()
         if best_state is not None:
             method.model.load_state_dict(best_state)
         method.model.eval()

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from avcl.core.samples import Samples, concat, num_samples, select
+from avcl.core.samples import Samples, concat, num_samples, resident, select
 
 
 SELECTIONS = ("random", "herding")
@@ -72,7 +72,7 @@ class ExemplarMemory:
             else:
                 order = torch.randperm(num_samples(rows), generator=generator)[:count]
             parts.append(select(rows, order))
-        self.samples = concat(parts)
+        self.samples = resident(concat(parts))  # a streamed task's exemplars are read: memories stay resident
 
     def state_dict(self) -> dict:
         return {"budget": self.budget, "selection": self.selection, "samples": self.samples}

@@ -129,8 +129,11 @@ class XKD(LabelFreeMethod):
         super().after_task(task)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "step": self.step, "total_steps": self.total_steps}
+        # ema_pending: a mid-task checkpoint falls between a step and the teacher update it owes
+        return {**super().state_dict(), "step": self.step, "total_steps": self.total_steps,
+                "ema_pending": self.ema_pending}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.step, self.total_steps = int(state["step"]), int(state["total_steps"])
+        self.ema_pending = bool(state.get("ema_pending", False))

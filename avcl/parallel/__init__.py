@@ -35,17 +35,19 @@ How a run with W processes equals one process with the same global batch (docs/s
 """
 from avcl.parallel.evaluation import eval_pass, eval_shares
 from avcl.parallel.gradients import BUCKET, average_gradients
-from avcl.parallel.group import (COLLECTIVE_WORDS, Dist, RankFailure, average, barrier, check_world, close, collective,
-                                 current, failure_message, gather_objects, is_collective_error, is_main, launched, rank,
-                                 setup, speaks, stopped_ranks, world)
+from avcl.parallel.group import (COLLECTIVE_WORDS, Dist, RankFailure, average, barrier, broadcast_flag, check_world,
+                                 close, collective, current, failure_message, gather_objects, is_collective_error,
+                                 is_main, launched, rank, setup, speaks, stopped_ranks, world)
 from avcl.parallel.replicas import check_replicas, checksum
-from avcl.parallel.rng import RankRandom, seed_rank_random, shared_random
-from avcl.parallel.step import Step, all_rows, is_gathering, mean_rows, per_rank, shard_batches, slice_rows, step
+from avcl.parallel.rng import RankRandom, rank_random_state, seed_rank_random, set_rank_random_state, shared_random
+from avcl.parallel.step import (Step, all_rows, is_gathering, mean_rows, per_rank, shard_batches, shard_rows,
+                                slice_rows, step)
 from avcl.parallel.testing import test_stop
 
 
-__all__ = ["BUCKET", "COLLECTIVE_WORDS", "Dist", "RankFailure", "RankRandom", "Step", "all_rows", "average",
-           "average_gradients", "barrier", "check_replicas", "check_world", "checksum", "close", "collective",
-           "current", "eval_pass", "eval_shares", "failure_message", "gather_objects", "is_collective_error",
-           "is_gathering", "is_main", "launched", "mean_rows", "per_rank", "rank", "seed_rank_random", "setup",
-           "shard_batches", "shared_random", "slice_rows", "speaks", "step", "stopped_ranks", "test_stop", "world"]
+__all__ = ["all_rows", "average", "average_gradients", "barrier", "broadcast_flag", "BUCKET", "check_replicas",
+           "check_world", "checksum", "close", "collective", "COLLECTIVE_WORDS", "current", "Dist", "eval_pass",
+           "eval_shares", "failure_message", "gather_objects", "is_collective_error", "is_gathering", "is_main",
+           "launched", "mean_rows", "per_rank", "rank", "rank_random_state", "RankFailure", "RankRandom",
+           "seed_rank_random", "set_rank_random_state", "setup", "shard_batches", "shard_rows", "shared_random",
+           "slice_rows", "speaks", "Step", "step", "stopped_ranks", "test_stop", "world"]

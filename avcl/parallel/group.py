@@ -208,6 +208,16 @@ def average(value: torch.Tensor) -> torch.Tensor:
     return value / _DIST.world
 
 
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (e.g. "a checkpoint is due" by rank 0's clock); ``flag`` in one process."""
+    if _DIST is None:
+        return flag
+    value = torch.tensor([int(flag)], device=_DIST.device if _DIST.device.type == "cuda" else "cpu")
+    with collective("agreeing on a checkpoint"):
+        dist.broadcast(value, 0)
+    return bool(value.item())
+
+
 def gather_objects(obj) -> list:
     """``obj`` of every rank, in rank order (on every rank); ``[obj]`` in one process."""
     if _DIST is None:

@@ -58,6 +58,20 @@ def seed_rank_random(seed: int, task: int, device: torch.device) -> None:
         _RANDOM = RankRandom(seed * 1_000_003 + 7919 * (task + 1) + 104_729 * (group.rank + 1), device)
 
 
+def rank_random_state() -> Optional[dict]:
+    """This rank's own stream (a mid-task checkpoint keeps it); None in one process."""
+    if _RANDOM is None:
+        return None
+    return {"cpu": _RANDOM.cpu, **({"cuda": _RANDOM.cuda} if _RANDOM.cuda is not None else {})}
+
+
+def set_rank_random_state(state: Optional[dict]) -> None:
+    if _RANDOM is not None and state is not None:
+        _RANDOM.cpu = state["cpu"]
+        if "cuda" in state and _RANDOM.device is not None:
+            _RANDOM.cuda = state["cuda"]
+
+
 @contextlib.contextmanager
 def shared_random():
     """Inside a step, draw from the shared stream (the same on every rank); a no-op elsewhere."""

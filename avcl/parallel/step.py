@@ -24,19 +24,26 @@ class Step:
 _STEP: Optional[Step] = None  # the step being computed (gathering is on only inside a sliced step)
 
 
-def shard_batches(samples, batch_size: int) -> Iterator[tuple[dict, Step]]:
-    """``batches(samples, batch_size, shuffle=True)`` cut for this rank: the same permutation on every
-    rank (the shared RNG), then this rank's equal slice of each global batch, or the whole batch when
-    W does not divide its size (then ``step.sliced`` is False)."""
-    n, w, r = num_samples(samples), world(), rank()
-    order = torch.randperm(n)  # as batches(shuffle=True) draws it: the same stream as one process
-    for start in range(0, n, batch_size):
+def shard_rows(order: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, Step]]:
+    """The global batches of the epoch's permutation ``order`` cut for this rank: this rank's equal slice of
+    each global batch, or the whole batch when W does not divide its size (then ``step.sliced`` is False)."""
+    w, r, out = world(), rank(), []
+    for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         if len(rows) % w == 0:
             share = len(rows) // w
-            yield select(samples, rows[r * share:(r + 1) * share]), Step(True, [share] * w)
+            out.append((rows[r * share:(r + 1) * share], Step(True, [share] * w)))
         else:
-            yield select(samples, rows), Step(False, [len(rows)] * w)
+            out.append((rows, Step(False, [len(rows)] * w)))
+    return out
+
+
+def shard_batches(samples, batch_size: int) -> Iterator[tuple[dict, Step]]:
+    """``batches(samples, batch_size, shuffle=True)`` cut for this rank (``shard_rows``): the same permutation
+    on every rank (the shared RNG), as one process draws it."""
+    order = torch.randperm(num_samples(samples))  # as batches(shuffle=True) draws it: the same stream as one process
+    for rows, s in shard_rows(order, batch_size):
+        yield select(samples, rows), s
 
 
 def slice_rows(index: torch.Tensor, step: Step) -> torch.Tensor:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib
 
+
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
