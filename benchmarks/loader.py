@@ -12,7 +12,7 @@ compress like real clips. Then, with the same seeded random permutation of the r
   ``--repeats`` alternated passes. The store was just written, so it is likely in the page cache (the output
   says how much of it is, via mincore); ``--drop-cache`` evicts the store's pages (posix_fadvise DONTNEED,
   this file only, no root needed) before every measured pass, for cold reads.
-* ``peak_rss_mib``: peak RSS (ru_maxrss) of a pre-training step loop (``cav`` at pretrain/features' tiny size,
+* ``peak_rss_mib``: peak RSS (VmHWM) of a pre-training step loop (``cav`` at pretrain/features' tiny size,
   4 of the 10 frames, ``finetune`` label-free, Adam) fed by StreamLoader for ``--steps`` steps, in its own
   process (its workers' peak is ``workers_rss_mib``); ``rss_growth``: the same on a store of 2N clips over
   the store of N (goal ~1.0: memory does not grow with the store).
@@ -48,6 +48,15 @@ import numpy as np
 CLIP = Path(os.environ.get("AVCL_DATA_DIR", "/work/shared/data")) / "clips" / "moviepy_big_buck_bunny_0_30.webm"
 VIDEO, AUDIO = (10, 224, 224, 3), (1024, 128)
 GIB, MIB = 2 ** 30, 2 ** 20
+
+
+def own_peak_mib() -> float:
+    """This process's peak RSS: VmHWM (Linux; ru_maxrss would carry the spawning process's peak across exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def pools() -> tuple[np.ndarray, np.ndarray, str]:
@@ -218,7 +227,7 @@ def step_loop(args) -> dict:
         del source, batch
         loader.close()
         gc.collect()
-    return {"step_s": step_s, "loss": float(loss.detach()), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"step_s": step_s, "loss": float(loss.detach()), "peak_rss_mib": own_peak_mib(),
             "workers_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "params_m": sum(p.numel() for p in method.model.parameters()) / 1e6}
 
