@@ -12,13 +12,14 @@ each batch, and ``resident`` reads it whole (what a replay memory keeps).
 """
 from __future__ import annotations
 
+import abc
 from typing import Iterator, Union
 
 import numpy as np
 import torch
 
 
-class LazyRows:
+class LazyRows(abc.ABC):
     """A field's rows, read only when a batch needs them. Subclasses give ``__len__``, ``row_shape``
     (the shape of one row), ``dtype`` (what ``read`` returns), ``take`` (a lazy subset), ``read`` (rows as
     a tensor, in the given order) and ``cat`` (lazy union of parts of one kind). ``shape``, ``dim()`` and
@@ -36,18 +37,22 @@ class LazyRows:
 
     ndim = property(dim)
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def take(self, index: np.ndarray) -> "LazyRows":
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def read(self, index: np.ndarray | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     @classmethod
+    @abc.abstractmethod
     def cat(cls, parts: list["LazyRows"]) -> "LazyRows":
-        raise NotImplementedError
+        ...
 
     def to(self, *args, **kwargs) -> "LazyRows":  # stays where it is read from: batches move to the device
         return self
