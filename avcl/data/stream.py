@@ -228,10 +228,6 @@ def spill(splits: dict[str, Samples], cache_dir: str = "", keep: tuple[str, ...]
     return out
 
 
-def streamed_bytes(samples: Samples) -> int:
-    return sum(v.nbytes for v in samples.values() if isinstance(v, LazyRows))
-
-
 # ----- the training loader --------------------------------------------------------------------------------
 
 class _Batches(torch.utils.data.Sampler):

@@ -40,8 +40,7 @@ from avcl.parallel.group import (COLLECTIVE_WORDS, Dist, RankFailure, average, b
                                  is_main, launched, rank, setup, speaks, stopped_ranks, world)
 from avcl.parallel.replicas import check_replicas, checksum
 from avcl.parallel.rng import RankRandom, rank_random_state, seed_rank_random, set_rank_random_state, shared_random
-from avcl.parallel.step import (Step, all_rows, is_gathering, mean_rows, per_rank, shard_batches, shard_rows,
-                                slice_rows, step)
+from avcl.parallel.step import Step, all_rows, is_gathering, mean_rows, per_rank, shard_rows, slice_rows, step
 from avcl.parallel.testing import test_stop
 
 
@@ -49,5 +48,5 @@ __all__ = ["all_rows", "average", "average_gradients", "barrier", "broadcast_fla
            "check_world", "checksum", "close", "collective", "COLLECTIVE_WORDS", "current", "Dist", "eval_pass",
            "eval_shares", "failure_message", "gather_objects", "is_collective_error", "is_gathering", "is_main",
            "launched", "mean_rows", "per_rank", "rank", "rank_random_state", "RankFailure", "RankRandom",
-           "seed_rank_random", "set_rank_random_state", "setup", "shard_batches", "shard_rows", "shared_random",
+           "seed_rank_random", "set_rank_random_state", "setup", "shard_rows", "shared_random",
            "slice_rows", "speaks", "Step", "step", "stopped_ranks", "test_stop", "world"]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from avcl.core.samples import num_samples, select
 from avcl.parallel import rng
 from avcl.parallel.group import collective, rank, world
 
@@ -36,14 +35,6 @@ def shard_rows(order: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor,
         else:
             out.append((rows, Step(False, [len(rows)] * w)))
     return out
-
-
-def shard_batches(samples, batch_size: int) -> Iterator[tuple[dict, Step]]:
-    """``batches(samples, batch_size, shuffle=True)`` cut for this rank (``shard_rows``): the same permutation
-    on every rank (the shared RNG), as one process draws it."""
-    order = torch.randperm(num_samples(samples))  # as batches(shuffle=True) draws it: the same stream as one process
-    for rows, s in shard_rows(order, batch_size):
-        yield select(samples, rows), s
 
 
 def slice_rows(index: torch.Tensor, step: Step) -> torch.Tensor:
