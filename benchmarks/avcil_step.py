@@ -44,7 +44,8 @@ from avcl.data.avcil_official import (AUDIO_FILE, VISUAL_H5_FILE, load_pickled_n
 from avcl.core.samples import to_device
 from avcl.engine.peak_memory import PeakMemory
 from avcl.engine.runner import build_method, make_scenario
-from avcl.engine.trainer import Trainer, make_optimizer
+from avcl.engine.regime import Regime
+from avcl.engine.trainer import Trainer
 from avcl.core.device import autocast_factory, keep_cpu_heap
 
 EPOCHS = 3  # each design runs three epochs; the faster of the last two is reported (the first warms up)
@@ -80,7 +81,7 @@ def avcl_epoch(cfg, scenario, device) -> tuple[float, object, int, float, float]
     """(last epoch's seconds, the method, steps per epoch, seconds of the once-per-step teacher cache, peak
     memory of the training in MiB: the CUDA allocator's peak on a GPU, the process's RSS on the CPU)."""
     method = step1_method(cfg, scenario, device)
-    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.bf16), cfg.eval.batch_size)
+    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.precision), cfg.eval.batch_size)
     ends, cache_seconds = [], []
     build_cache = method.training_data
 
@@ -116,7 +117,7 @@ def official_epoch(cfg, scenario, folder: Path, ids_of, device, workers: int) ->
                        shuffle=True, num_workers=workers)
     exemplars = DataLoader(PerVideoDataset(folder, memory_ids, memory_labels),
                            batch_size=cfg.train.replay_batch_size, shuffle=True, num_workers=workers)
-    optimizer = make_optimizer(method.parameters(), cfg.train, cfg.train.lr)
+    optimizer = Regime.build(method, cfg.train, device).optimizer
     method.model.train()
     seconds = []
     for _ in range(EPOCHS):

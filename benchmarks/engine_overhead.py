@@ -56,7 +56,7 @@ def main():
     base = AVNet(cfg.model, task.train)
     base.head.grow(len(task.classes))
     n = len(task.train["label"])
-    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.bf16))
+    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.precision))
     best = {"engine": float("inf"), "bare": float("inf")}
     for _ in range(args.repeats):
         for which in ("bare", "engine"):

@@ -186,7 +186,7 @@ def step_loop(args) -> dict:
     from avcl.data.store import open_store
     from avcl.data.stream import StoreRows, StreamLoader
     from avcl.engine.runner import build_method
-    from avcl.engine.trainer import make_optimizer
+    from avcl.engine.regime import Regime
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -210,8 +210,8 @@ def step_loop(args) -> dict:
     method = build_method("finetune", cfg, example)
     method.model.to(device).train()
     method.before_task(Task(0, [0], {}, {}, {}))
-    method.optimizer = optimizer = make_optimizer(method.parameters(), cfg.train, cfg.train.lr)
-    autocast = autocast_factory(device, None if device.type == "cuda" else False)
+    method.optimizer = optimizer = Regime.build(method, cfg.train, device).optimizer
+    autocast = autocast_factory(device, None)
     ends = []  # each step's end: a step's time includes waiting for its batch
     for i, batch in enumerate(source):
         with autocast():

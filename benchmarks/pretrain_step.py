@@ -19,6 +19,8 @@ Inputs are random clips of the recipe's geometry (the step's cost does not depen
     python benchmarks/pretrain_step.py                         # CPU, pretrain/avdigits' backbone and geometry
     python benchmarks/pretrain_step.py --size tiny             # the tiny preset (width 192, 4 + 1 layers)
     python benchmarks/pretrain_step.py --device cuda --size base --geometry cav --batch 12
+    python benchmarks/pretrain_step.py --device cuda --size base --geometry cav --batch 12 \
+        --set train.precision=fp16 train.accumulate=2   # fp16 + GradScaler, 2 micro-batches per step
 
 The last line: ``memory_ratio=`` STELLA's step memory over DER++'s, ``speed_ratio=`` STELLA's samples/s
 over DER++'s, then each method's figures.
@@ -51,7 +53,7 @@ def measure(args) -> dict:
     from avcl.engine.peak_memory import PeakMemory, rss_bytes
     from avcl.engine.runner import build_method
     from avcl.core.device import autocast_factory
-    from avcl.engine.trainer import make_optimizer
+    from avcl.engine.regime import Regime
 
     torch.manual_seed(0)
     if args.threads:
@@ -63,7 +65,7 @@ def measure(args) -> dict:
                                              "decoder_depth", "decoder_heads")]
     cfg = load_config("pretrain/avdigits", overrides + backbone + [
         f"train.batch_size={args.batch}", f"train.replay_batch_size={args.batch}",
-        f"memory.size={args.memory}", f"methods=[{args.one}]"])
+        f"memory.size={args.memory}", f"methods=[{args.one}]"] + list(args.set))
     device = torch.device(args.device)
     shape = (frames, size, size) + ((3,) if channels == 3 else ())
     pool = {"video": torch.randint(0, 256, (args.pool,) + shape, dtype=torch.uint8),
@@ -71,19 +73,23 @@ def measure(args) -> dict:
     method = build_method(args.one, cfg, {**pool, "label": torch.zeros(args.pool, dtype=torch.long)})
     method.model.to(device).train()
     method.before_task(Task(0, [0], {}, {}, {}))
-    optimizer = make_optimizer(method.parameters(), cfg.train, cfg.train.lr)
-    method.optimizer = optimizer
-    autocast = autocast_factory(device, None if device.type == "cuda" else False)
+    regime = Regime.build(method, cfg.train, device)  # the recipe's optimizer step (or --set train.*)
+    regime.start_task(args.warmup + args.steps, 1, 0, 1)
+    accumulate = cfg.train.accumulate
+    method.optimizer = regime.optimizer
+    autocast = autocast_factory(device, cfg.train.precision)
     pool = {k: v.to(device) for k, v in pool.items()}
 
-    def step(i: int) -> None:
-        pick = torch.arange(i * args.batch, (i + 1) * args.batch, device=device) % args.pool
-        batch = {k: v[pick] for k, v in pool.items()}
-        with autocast():
-            loss = method.training_loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def step(i: int) -> None:  # one optimizer step: train.accumulate micro-batches of --batch clips
+        for j in range(accumulate):
+            start = (i * accumulate + j) * args.batch
+            pick = torch.arange(start, start + args.batch, device=device) % args.pool
+            with autocast():
+                loss = method.training_loss({k: v[pick] for k, v in pool.items()})
+            if j == 0:
+                regime.optimizer.zero_grad(set_to_none=True)
+            regime.backward(loss / accumulate)
+        regime.step(False)
 
     warmup = max(args.warmup, -(-args.memory // args.batch) + 1)  # fill the memory first
     for i in range(warmup):
@@ -100,7 +106,7 @@ def measure(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-    return {"method": args.one, "samples_per_s": args.steps * args.batch / seconds,
+    return {"method": args.one, "samples_per_s": args.steps * accumulate * args.batch / seconds,
             "step_mib": (peak.peak - before) / 2 ** 20, "peak_mib": peak.mib,
             "params_m": sum(p.numel() for p in method.model.parameters()) / 1e6}
 
@@ -117,6 +123,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="train.KEY=VALUE",
+                        help="the optimizer step's options, e.g. train.precision=fp16 train.accumulate=2 (the "
+                             "official regimes); samples/s counts every micro-batch's clips")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one method
     args = parser.parse_args()
     if args.one:

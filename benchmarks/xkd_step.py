@@ -14,6 +14,7 @@ frames, 448x80 log-mel: the paper's inputs, with ``--recipe xkd/kinetics`` on a 
 
     python benchmarks/xkd_step.py                                     # CPU, xkd/avdigits
     python benchmarks/xkd_step.py --device cuda --recipe xkd/kinetics --geometry kinetics --batch 32
+    python benchmarks/xkd_step.py --device cuda --recipe xkd/kinetics --geometry kinetics --batch 32 --set train.accumulate=2
 
 The last line: ``speed_ratio=`` XKD's samples/s over MAE's, ``memory_ratio=`` XKD's step memory over MAE's,
 then every row's figures.
@@ -39,14 +40,14 @@ def measure(args) -> dict:
     from avcl.engine.peak_memory import PeakMemory, rss_bytes
     from avcl.engine.runner import build_method
     from avcl.core.device import autocast_factory
-    from avcl.engine.trainer import make_optimizer
+    from avcl.engine.regime import Regime
 
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     video_shape, audio_frames, mel = GEOMETRY[args.geometry]
     cfg = load_config(args.recipe, [f"train.batch_size={args.batch}", f"methods=[{args.one}]",
-                                    "memory.size=0"]
+                                    "memory.size=0"] + list(args.set)
                       + (["variants.mae={method: xkd, kd_weight: 0.0, da_weight: 0.0}"] if args.one == "mae" else []))
     device = torch.device(args.device)
     pool = {"video": torch.randint(0, 256, (args.pool,) + video_shape, dtype=torch.uint8),
@@ -54,17 +55,23 @@ def measure(args) -> dict:
     method = build_method(args.one, cfg, {**pool, "label": torch.zeros(args.pool, dtype=torch.long)})
     method.model.to(device).train()
     method.before_task(Task(0, [0], {"label": torch.zeros(args.batch * (args.warmup + args.steps))}, {}, {}))
-    optimizer = make_optimizer(method.parameters(), cfg.train, cfg.train.lr)
-    autocast = autocast_factory(device, None if device.type == "cuda" else False)
+    regime = Regime.build(method, cfg.train, device)  # the recipe's optimizer step (or --set train.*)
+    regime.start_task(args.warmup + args.steps, 1, 0, 1)
+    accumulate = cfg.train.accumulate
+    method.optimizer = regime.optimizer
+    autocast = autocast_factory(device, cfg.train.precision)
     pool = {k: v.to(device) for k, v in pool.items()}
 
-    def step(i: int) -> None:
-        pick = torch.arange(i * args.batch, (i + 1) * args.batch, device=device) % args.pool
-        with autocast():
-            loss = method.training_loss({k: v[pick] for k, v in pool.items()})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def step(i: int) -> None:  # one optimizer step: train.accumulate micro-batches of --batch clips
+        for j in range(accumulate):
+            start = (i * accumulate + j) * args.batch
+            pick = torch.arange(start, start + args.batch, device=device) % args.pool
+            with autocast():
+                loss = method.training_loss({k: v[pick] for k, v in pool.items()})
+            if j == 0:
+                regime.optimizer.zero_grad(set_to_none=True)
+            regime.backward(loss / accumulate)
+        regime.step(False)
 
     for i in range(args.warmup):
         step(i)
@@ -81,7 +88,7 @@ def measure(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-    return {"row": args.one, "samples_per_s": args.steps * args.batch / seconds,
+    return {"row": args.one, "samples_per_s": args.steps * accumulate * args.batch / seconds,
             "step_mib": (peak.peak - before) / 2 ** 20, "peak_mib": peak.mib,
             "params_m": sum(p.numel() for p in method.model.parameters()) / 1e6}
 
@@ -96,6 +103,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="train.KEY=VALUE",
+                        help="the optimizer step's options, e.g. train.precision=fp16 train.accumulate=2 (the "
+                             "official regimes); samples/s counts every micro-batch's clips")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one row
     args = parser.parse_args()
     if args.one:

@@ -59,8 +59,8 @@ def run_on(kind, device, tmp_path, *extra):
 @pytest.mark.usefixtures("one_thread")
 def test_recipe_runs_on_cuda_fp32_close_to_cpu_and_with_bf16(kind, tmp_path):
     cpu = run_on(kind, "cpu", tmp_path)
-    fp32 = run_on(kind, "cuda", tmp_path, "train.bf16=false")
-    bf16 = run_on(kind, "cuda", tmp_path, "train.bf16=true")
+    fp32 = run_on(kind, "cuda", tmp_path, "train.precision=fp32")
+    bf16 = run_on(kind, "cuda", tmp_path, "train.precision=bf16")
     print(f"{kind}: cpu {cpu} cuda-fp32 {fp32} cuda-bf16 {bf16}")
     assert cpu.keys() == fp32.keys() == bf16.keys()
     for name in cpu:

@@ -86,7 +86,7 @@ def _probe(args) -> int:
           f"{len(data.test['label'])} test clips, {data.num_classes} classes, {ev.linear_classifier} "
           f"C={ev.linear_c}", file=sys.stderr)
     results = linear_probes(model, data.train, data.test, ev.batch_size, device,
-                            autocast_factory(device, cfg.train.bf16), ev.linear_classifier, ev.linear_c, cfg.seed)
+                            autocast_factory(device, cfg.train.precision), ev.linear_classifier, ev.linear_c, cfg.seed)
     for key, value in results.items():
         print(f"  {key.removeprefix('probe_'):<14} {100 * value:.2f} %")
     print(" ".join(f"{key}={value:.4f}" for key, value in results.items()))

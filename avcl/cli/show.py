@@ -1,6 +1,8 @@
 """``avcl show RECIPE [key=value ...]``: the resolved config, then each method's hyperparameters
 with their values, defaults, the range or choices each declares (``[> 0]``, ``[one of a | b]``) and
-one-line descriptions, without loading data or writing anything.
+one-line descriptions, without loading data or writing anything. ``--regime`` adds each method's optimizer step
+as it will run (parameter groups with their sizes, the lr curve of the first task, the effective batch): that
+builds the models, so it loads the data.
 
 Descriptions come from the source: the comment that ends a dataclass field's line (or, when
 there is none, the comment lines right above it). Every method's ``Hparams`` field carries one
@@ -82,7 +84,7 @@ def method_lines(cfg, name: str) -> list[str]:
     return lines
 
 
-def show(recipe: str | None, overrides: list[str]) -> str:
+def show(recipe: str | None, overrides: list[str], regime: bool = False) -> str:
 
     cfg = load_config(recipe, overrides)
     shown = OmegaConf.to_container(cfg)
@@ -93,13 +95,35 @@ def show(recipe: str | None, overrides: list[str]) -> str:
            "# methods: hyperparameters (override as key=value; * = differs from the default)"]
     for name in cfg.methods:
         out += method_lines(cfg, name)
+    if regime:
+        out += regime_section(cfg)
     return "\n".join(out)
+
+
+def regime_section(cfg) -> list[str]:
+    """Each method's optimizer step as it will run (avcl.engine.regime): its parameter groups with their sizes, the
+    lr at points of the first task's curve, the effective batch. Loads the data (the model's shapes, the task size)."""
+    import torch
+
+    from avcl.core.samples import num_samples
+    from avcl.engine.regime import regime_lines
+    from avcl.engine.runner import build_method, make_scenario
+
+    scenario = make_scenario(cfg)
+    first = scenario.tasks[0].train
+    out = ["", "# the optimizer step of each method (train.*; avcl.engine.regime), on task 0 of the scenario"]
+    for name in cfg.methods:
+        method = build_method(name, cfg, first)
+        out.append(f"  {name}:")
+        out += ["  " + line for line in regime_lines(method, cfg.train, torch.device("cpu"), num_samples(first),
+                                                      len(scenario.tasks))]
+    return out
 
 
 def _show(args) -> int:
     items = list(args.items)
     recipe = items.pop(0) if items and "=" not in items[0] else None
-    print(show(recipe, items))
+    print(show(recipe, items, regime=args.regime))
     return 0
 
 
@@ -108,4 +132,7 @@ def register(subparsers) -> None:
                                              "(defaults, descriptions); loads no data, writes nothing")
     cmd.add_argument("items", nargs="*", metavar="[RECIPE] [key=value ...]",
                      help="a recipe name or YAML path (default: avdigits), then dotted overrides")
+    cmd.add_argument("--regime", action="store_true",
+                     help="also each method's optimizer step: parameter groups and their sizes, lr curve, effective "
+                          "batch (loads the data to build the models)")
     cmd.set_defaults(func=_show)

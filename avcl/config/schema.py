@@ -19,12 +19,37 @@ class TrainConfig:
     epochs: int = option(10, range=">=1")
     batch_size: int = option(64, range=">=1")
     replay_batch_size: int = 32  # memory samples added to each batch by replay methods
-    optimizer: str = option("adam", choices=("adam", "sgd"))  # adam | sgd
+    # the optimizer step (avcl.engine.regime): adam | adamw (decoupled weight decay) | sgd
+    optimizer: str = option("adam", choices=("adam", "adamw", "sgd"))
     lr: float = option(1e-3, range=">0")
     weight_decay: float = 0.0
+    # parameters without weight decay: fnmatch patterns on parameter names; "1d": every tensor of at most one
+    # dimension (biases, norms); the MAE / STELLA / XKD codes' set; [] decays every parameter (the AV-CIL code's)
+    no_decay: List[str] = option(factory=lambda: ["1d", "*pos_embed*", "*cls_token*", "*cls_pos*", "*mask_token*",
+                                                  "*modality_embed*"])
+    layer_decay: float = option(1.0, range="(0,1]")  # layer-wise lr decay (MAE's); 1: none
+    # {parameter-name pattern: lr factor}, the first matching pattern's (e.g. {"avm.*": 10}); {}: none
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)
     momentum: float = option(0.9, range="[0,1)")  # sgd only
+    adam_eps: float = option(1e-8, range=">0")  # adam / adamw
+    # lr per optimizer step: constant | cosine (to min_lr) | step (x gamma at each of milestones, in epochs);
+    # each after a linear warm-up from 0 of warmup_epochs (or warmup_steps)
+    schedule: str = option("constant", choices=("constant", "cosine", "step"))
+    warmup_epochs: float = 0.0
+    warmup_steps: int = 0
+    min_lr: float = 0.0  # cosine: the lr it ends at
+    milestones: List[float] = field(default_factory=list)  # step: the epochs at which the lr is multiplied by gamma
+    gamma: float = option(0.1, range=">0")
+    schedule_scope: str = option("task", choices=("task", "stream"))  # the curve spans each task | the whole stream
+    clip_grad_norm: Optional[float] = option(None, range=">0")  # clip the global gradient norm to this; None: never
+    clip_grad_per_param: Optional[float] = option(None, range=">0")  # clip each parameter's gradient norm (XKD's)
+    accumulate: int = option(1, range=">=1")  # micro-batches of batch_size per optimizer step
+    # drop an epoch's partial last batch (kept when the epoch has no full batch); None: drop for pre-training
+    # (label-free) methods, as their official loaders do, keep for classifiers
+    drop_last: Optional[bool] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    bf16: Optional[bool] = None  # bf16 autocast; None = on for CUDA, off elsewhere
+    # autocast dtype: bf16 | fp16 (with a GradScaler) | fp32 (none); None = bf16 on CUDA, fp32 elsewhere
+    precision: Optional[str] = option(None, choices=("bf16", "fp16", "fp32"))
     num_threads: Optional[int] = option(None, range=">=1")  # torch CPU threads; None = torch's default
     # CPU runs on Linux/glibc: malloc keeps freed memory for reuse instead of mapping every large
     # activation fresh from the OS (avcl.core.device.keep_cpu_heap); false = leave malloc alone

@@ -8,6 +8,8 @@ section is checked by the model layer when the model is built (``avcl.models.che
 """
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -57,6 +59,7 @@ def check_between_fields(cfg: DictConfig) -> None:
     """The constraints that tie two fields, or a field's length, together."""
     if len(cfg.train.adam_betas) != 2:
         raise AvclError(f"bad config: 'train.adam_betas' must be two numbers in [0, 1), got {list(cfg.train.adam_betas)}")
+    check_regime(cfg.train)
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise AvclError(f"bad config: 'train.device' must be auto, cpu, cuda, cuda:N or mps, got '{device}'")
@@ -73,6 +76,26 @@ def check_between_fields(cfg: DictConfig) -> None:
         raise AvclError(f"scenario.blurry={sc.blurry} needs a label-free model (the pre-training stream, "
                         f"e.g. recipe pretrain/avdigits); model '{cfg.model.name}' learns each task's "
                         "classes at its own step (class-incremental)")
+
+
+def check_regime(train: DictConfig) -> None:
+    """The optimizer-step options that tie fields together (avcl.engine.regime)."""
+    if train.warmup_epochs and train.warmup_steps:
+        raise AvclError(f"bad config: give 'train.warmup_epochs' ({train.warmup_epochs}) or 'train.warmup_steps' "
+                        f"({train.warmup_steps}), not both")
+    if train.schedule == "step" and not train.milestones:
+        raise AvclError("bad config: 'train.schedule=step' needs 'train.milestones' (epochs at which the lr is "
+                        "multiplied by 'train.gamma'), e.g. train.milestones=[30,60]")
+    if train.schedule == "cosine" and train.min_lr > train.lr:
+        raise AvclError(f"bad config: 'train.min_lr' ({train.min_lr}) must be <= 'train.lr' ({train.lr})")
+    for pattern, factor in (train.lr_multipliers or {}).items():
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor) \
+                or factor <= 0:
+            raise AvclError(f"bad config: 'train.lr_multipliers.{pattern}' must be a number > 0, got {factor}")
+    for kind in ("no_decay",):
+        if any(not isinstance(p, str) or not p for p in train[kind]):
+            raise AvclError(f"bad config: 'train.{kind}' must be a list of name patterns (or '1d'), got "
+                            f"{list(train[kind])}")
 
 
 def method_hparams_for(cfg: DictConfig, name: str):

@@ -1,4 +1,4 @@
-"""The device a run trains on, its autocast, and the CPU allocator setting (``train.device``, ``train.bf16``,
+"""The device a run trains on, its autocast, and the CPU allocator setting (``train.device``, ``train.precision``,
 ``train.cpu_keep_heap``)."""
 from __future__ import annotations
 
@@ -56,9 +56,11 @@ def keep_cpu_heap() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
-def autocast_factory(device: torch.device, bf16: Optional[bool]) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast when asked (default: on CUDA only), else a no-op context."""
-    enabled = device.type == "cuda" if bf16 is None else bf16
-    if not enabled:
+def autocast_factory(device: torch.device, precision: Optional[str]) -> Callable[[], contextlib.AbstractContextManager]:
+    """The autocast of ``train.precision`` (bf16 | fp16 | fp32; None: bf16 on CUDA, fp32 elsewhere): a context
+    factory (fp32: a no-op). fp16's GradScaler is the optimizer step's (avcl.engine.regime)."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp32":
         return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)

@@ -110,7 +110,7 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
         train_cfg = OmegaConf.merge(cfg.train, {"batch_size": ic.batch_size or cfg.train.batch_size,
                                                 "model_selection": "last", "optimizer_scope": "task"})
         model.to(device)
-        trainer = Trainer(train_cfg, device, autocast_factory(device, cfg.train.bf16), cfg.eval.batch_size)
+        trainer = Trainer(train_cfg, device, autocast_factory(device, cfg.train.precision), cfg.eval.batch_size)
         held_out = Task(-1, [], scenario.held_out, {}, {})
         clips = len(next(iter(scenario.held_out.values())))
         log("init_start", clips=clips, epochs=ic.epochs, avm_epochs=ic.avm_epochs)
@@ -133,7 +133,7 @@ def run_init_stage(cfg: DictConfig, scenario, run_dir: Path, log, device: torch.
     if not evaluated:  # every rank evaluates its share (sharded evaluation); rank 0 alone writes
         model.load_state_dict(state)
         model.to(device).eval()
-        protocol = make_protocol(cfg, scenario, device, autocast_factory(device, cfg.train.bf16))
+        protocol = make_protocol(cfg, scenario, device, autocast_factory(device, cfg.train.precision))
         record = {"train_seconds": seconds, "task_seconds": [seconds], "peak_memory_mib": peak_mib,
                   **protocol.new_record()}
         holder = finetune(model, finetune.Hparams(), cfg)  # the protocol reads its .model
@@ -156,7 +156,7 @@ def evaluate_untrained(cfg: DictConfig, scenario, run_dir: Path, device: torch.d
         return
     seed_everything(cfg.seed)
     model = build_model(cfg.model, scenario.tasks[0].train).to(device).eval()
-    protocol = make_protocol(cfg, scenario, device, autocast_factory(device, cfg.train.bf16))
+    protocol = make_protocol(cfg, scenario, device, autocast_factory(device, cfg.train.precision))
     record = {"train_seconds": 0.0, "task_seconds": [0.0], "peak_memory_mib": 0.0, **protocol.new_record()}
     holder = METHODS["finetune"](model, METHODS["finetune"].Hparams(), cfg)  # the protocol reads its .model
     summary = protocol.after_task(holder, scenario.tasks, record)

@@ -25,6 +25,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -110,16 +111,18 @@ class MethodLog:
             purge = start_task * epochs_per_task + start_epoch
             self.writer = SummaryWriter(str(run_dir / "tensorboard" / name), purge_step=purge if purge else None)
 
-    def epoch(self, task: int, epoch: int, loss: float, terms: dict, seconds: float, elapsed: float) -> None:
+    def epoch(self, task: int, epoch: int, loss: float, terms: dict, seconds: float, elapsed: float,
+              stats: Optional[dict] = None) -> None:
+        """``stats``: the optimizer step's (the lr of the epoch's last step, fp16 steps skipped), columns of their own."""
         row = {"task": task, "epoch": epoch, "loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
-               "seconds": round(seconds, 4), "elapsed_seconds": round(elapsed, 4)}
+               **(stats or {}), "seconds": round(seconds, 4), "elapsed_seconds": round(elapsed, 4)}
         self.flush()
         self.pending = row
         if self.writer is not None:
             step = task * self.epochs_per_task + epoch + 1
             self.writer.add_scalar("loss", loss, step)
-            for key, value in terms.items():
-                self.writer.add_scalar(f"loss/{key}", value, step)
+            for key, value in {**{f"loss/{k}": v for k, v in terms.items()}, **(stats or {})}.items():
+                self.writer.add_scalar(key, value, step)
             self.writer.add_scalar("epoch_seconds", seconds, step)
 
     def val(self, task: int, epoch: int, accuracy: float) -> None:

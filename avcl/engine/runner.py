@@ -6,14 +6,17 @@ Run directory::
     events.jsonl             one JSON event per line (run/method/task/epoch start and end)
     init/model.pt, init/metrics.json   the init stage's model (config ``init``) and its evaluation
     <method>/metrics.json    written after every task; "complete": true when the method is done
-    <method>/checkpoint.pt   after every task: model, method state (memory...), optimizer, RNG, metrics;
+    <method>/checkpoint.pt   after every task: model, method state (memory...), optimizer + scaler, RNG,
+                             metrics;
                              deleted once the method is complete unless train.keep_checkpoints=true
     <method>/step_checkpoint.pt  inside a task, every train.checkpoint_every steps / checkpoint_minutes: the
-                             task's position (model, optimizer, method state, RNG, epoch, permutation, step);
+                             task's position (model, optimizer + lr schedule + scaler, method state, RNG, epoch,
+                             permutation, step);
                              deleted when the task ends
     <method>/model.pt        the final model's weights (train.save_model; default: pre-training models)
     <method>/accuracy_matrix.png, accuracy.png   plots (retrieval_matrix.png, retrieval.png)
-    <method>/epochs.csv, tasks.csv   per-epoch losses (each loss term), val accuracy, times; per-task metrics
+    <method>/epochs.csv, tasks.csv   per-epoch losses (each loss term), lr, skipped fp16 steps, val accuracy,
+                             times; per-task metrics
     tensorboard/<method>/    the same as TensorBoard scalars, with log.tensorboard=true (avcl.engine.loggers)
     environment.json         versions, platform and device, one entry per start or resume
 
@@ -23,7 +26,7 @@ A killed run resumes from each method's last checkpoint and reproduces the unint
 run's metrics (on CPU; wall-clock times aside). Inside a task it resumes from the step checkpoint: the task
 starts again from its starting state (the previous task's checkpoint, or the fresh model), ``before_task`` and
 ``training_data`` run as the first time, then the step checkpoint's state replaces the model's, the
-optimizer's, the method's and the RNGs', and training continues at the next step of the same permutation.
+optimizer's (with its lr schedule and GradScaler), the method's and the RNGs', and training continues at the next step of the same permutation.
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ from avcl.engine.init_stage import run_init_stage, wants_init
 from avcl.engine.loggers import MethodLog, NoLog, record_environment
 from avcl.engine.peak_memory import PeakMemory
 from avcl.engine.progress import RunProgress, stage
-from avcl.engine.trainer import Trainer, make_optimizer
+from avcl.engine.regime import Regime, precision_of
+from avcl.engine.trainer import Trainer
 from avcl.eval.protocols import make_protocol, method_metrics
 from avcl.memory import sharding
 from avcl.models import build_model
@@ -85,11 +89,11 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
     if init_state is not None:
         method.model.load_state_dict(init_state)
     method.model.to(device)
-    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.bf16), cfg.eval.batch_size)
+    trainer = Trainer(cfg.train, device, autocast_factory(device, cfg.train.precision), cfg.eval.batch_size)
     protocol = make_protocol(cfg, scenario, device, trainer.autocast)
     tasks = [merged_task(scenario)] if method.single_task else scenario.tasks
     record = {"train_seconds": 0.0, "task_seconds": [], "peak_memory_mib": 0.0, **protocol.new_record()}
-    start_task, optimizer = 0, None
+    start_task, regime = 0, None
     stream_optimizer = cfg.train.optimizer_scope == "stream"
     if resuming:
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -98,9 +102,9 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         method.model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
         sharding.load_rank_memory(method.memory, state, cfg.seed)
-        if stream_optimizer:
-            optimizer = make_optimizer(method.parameters(), cfg.train, method.hp.lr or cfg.train.lr)
-            optimizer.load_state_dict(state["optimizer"])
+        if stream_optimizer:  # the optimizer and GradScaler go on; each task starts its own part of the curve
+            regime = Regime.build(method, cfg.train, device)
+            regime.load_state_dict(state["regime"], schedule=False)
         record, start_task = state["record"], state["task"] + 1
         set_rng_state(state["rng"])
         log("method_resume", method=name, task=start_task)
@@ -127,7 +131,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         def on_epoch(epoch: int, loss: float) -> None:
             nonlocal last_epoch
             now = time.perf_counter()
-            logs.epoch(t, epoch, loss, method.pop_terms(), now - last_epoch, now - started)
+            logs.epoch(t, epoch, loss, method.pop_terms(), now - last_epoch, now - started, trainer.epoch_stats)
             if cfg.train.model_selection != "best_val":  # no val accuracy joins the row: on disk now (a kill keeps it)
                 logs.flush()
             last_epoch = now
@@ -150,11 +154,12 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
                     mib=round(step_path.stat().st_size / 2**20, 2))
 
         with PeakMemory(device) as peak:
-            optimizer = trainer.fit_task(method, task, on_epoch, val=seen_val, on_val=on_val,
-                                         optimizer=optimizer if stream_optimizer else None,
-                                         checkpoint=save_step if (cfg.train.checkpoint_every or
-                                                                  cfg.train.checkpoint_minutes) else None,
-                                         resume=mid if t == start_task else None, loader_cfg=cfg.data)
+            regime = trainer.fit_task(method, task, on_epoch, val=seen_val, on_val=on_val,
+                                      regime=regime if stream_optimizer else None,
+                                      checkpoint=save_step if (cfg.train.checkpoint_every or
+                                                               cfg.train.checkpoint_minutes) else None,
+                                      resume=mid if t == start_task else None, loader_cfg=cfg.data,
+                                      position=(t, len(tasks)))
         seconds = time.perf_counter() - started
         method.model.eval()
         parallel.check_replicas(method.replicated_state(), f"{name} task {t}")  # same model and memory on every rank
@@ -169,7 +174,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         metrics = method_metrics(name, record, protocol, scenario, len(tasks), complete)
         if main:
             atomic_torch_save({"task": t, "model": method.model.state_dict(), "method": method.state_dict(),
-                               "optimizer": optimizer.state_dict(), "rng": rng_state(), "record": record,
+                               "regime": regime.state_dict(), "rng": rng_state(), "record": record,
                                **rank_memory}, ckpt_path)
             if complete and wants_model_file(cfg, method.model):  # before metrics.json marks the method complete
                 atomic_torch_save({"model": method.model.state_dict()}, out / "model.pt")
@@ -237,8 +242,11 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
         torch.set_num_threads(cfg.train.num_threads)
     device = dist.device if dist else pick_device(cfg.train.device)
     heap_kept = device.type == "cpu" and cfg.train.cpu_keep_heap and keep_cpu_heap()
+    tc = cfg.train
+    effective = tc.batch_size * tc.accumulate  # rows per optimizer step, over every process (+ replayed rows)
     log("run_start", recipe=cfg.name, device=str(device), cpu_heap_kept=heap_kept, methods=list(cfg.methods),
-        tasks=[task.classes for task in scenario.tasks], **({"processes": dist.world} if dist else {}))
+        tasks=[task.classes for task in scenario.tasks], effective_batch=effective,
+        precision=precision_of(tc, device), **({"processes": dist.world} if dist else {}))
     if main:
         # What the run was trained on, as plain data anyone can reproduce: classes, order, tasks, provenance.
         atomic_write_json(run_dir / "dataset.json", {
@@ -253,7 +261,10 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
         if wants_init(cfg):
             progress.note("init stage")
         init_state = run_init_stage(cfg, scenario, run_dir, log, device, show_progress)
-        stage(f"training {len(cfg.methods)} method(s) x {len(scenario.tasks)} task(s) on {device}")
+        per = f", {tc.batch_size // dist.world} rows per process" if dist else ""
+        stage(f"training {len(cfg.methods)} method(s) x {len(scenario.tasks)} task(s) on {device}; "
+              f"{effective} rows per optimizer step ({tc.batch_size} x {tc.accumulate} accumulated{per}), "
+              f"{tc.optimizer}, {tc.schedule} lr, {precision_of(tc, device)}")
         results = {}
         for name in cfg.methods:
             results[name] = run_method(name, cfg, scenario, run_dir, log, device, show_progress, init_state,

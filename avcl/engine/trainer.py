@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -21,17 +21,11 @@ from avcl import parallel
 from avcl.core.rng import rng_state, set_rng_state
 from avcl.core.samples import Samples, concat, is_streamed, num_samples, select, to_device
 from avcl.data.stream import StreamLoader
+from avcl.engine.regime import Regime, drops_last, micro_batches
 from avcl.eval.evaluator import correct_predictions
 from avcl.memory import sharding
 from avcl.memory.buffer import ExemplarMemory
 from avcl.methods.base import Method
-
-
-def make_optimizer(params, train_cfg, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
-    return torch.optim.Adam(params, lr=lr, betas=tuple(train_cfg.adam_betas), weight_decay=train_cfg.weight_decay)
 
 
 class Clock:
@@ -55,15 +49,15 @@ class Clock:
         return due
 
 
-def step_state(method: Method, optimizer, epoch: int, step: int, order: torch.Tensor, total: torch.Tensor,
+def step_state(method: Method, regime: Regime, epoch: int, step: int, order: torch.Tensor, total: torch.Tensor,
                steps: int, best_accuracy: float, best_state) -> dict:
     """A task's position after ``step`` steps of ``epoch``: what a resumed run needs to continue exactly (the
-    model, optimizer, method state, every RNG, the epoch's permutation, the epoch's loss sums so far)."""
+    model, optimizer + schedule + scaler, method state, every RNG, the epoch's permutation, the epoch's loss sums)."""
     terms = method.__dict__.get("_terms", {})
     return {"epoch": epoch, "step": step, "order": order.cpu(), "total": total.detach().cpu(), "steps": steps,
             "terms": {k: [t, c, list(p)] for k, (t, c, p) in terms.items()},
             "best_accuracy": best_accuracy, "best_state": best_state,
-            "model": method.model.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": method.model.state_dict(), "method": method.state_dict(), "regime": regime.state_dict(),
             "rng": rng_state(), "rank_randoms": parallel.gather_objects(parallel.rank_random_state()),
             **sharding.rank_memory(method.memory)}  # several processes: every rank's reservoir (a collective)
 
@@ -85,14 +79,18 @@ class Trainer:
     device: torch.device
     autocast: Callable
     eval_batch_size: int = 256
+    epoch_stats: dict = field(default_factory=dict)  # after each epoch: the lr of its last step, skipped steps
 
     def fit_task(self, method: Method, task, on_epoch: Callable[[int, float], None] = lambda e, l: None,
                  val: Optional[Samples] = None, on_val: Callable[[int, float], None] = lambda e, a: None,
-                 optimizer: Optional[torch.optim.Optimizer] = None, checkpoint: Optional[Callable[[dict], None]] = None,
-                 resume: Optional[dict] = None, loader_cfg=None):
-        """Train ``method`` on ``task``; returns the optimizer (its state goes into the checkpoint).
+                 regime: Optional[Regime] = None, checkpoint: Optional[Callable[[dict], None]] = None,
+                 resume: Optional[dict] = None, loader_cfg=None, position: tuple[int, int] = (0, 1)) -> Regime:
+        """Train ``method`` on ``task``; returns the optimizer step's ``Regime`` (its state goes into the checkpoint).
 
-        ``optimizer``: continue with this one (``train.optimizer_scope=stream``); None: a fresh one.
+        ``regime``: continue with this optimizer (``train.optimizer_scope=stream``); None: a fresh one
+        (avcl.engine.regime: parameter groups, optimizer, schedule, clipping, accumulation, GradScaler).
+        ``position``: (this task's index, the number of tasks), where the task sits on a ``schedule_scope=stream``
+        curve. After each epoch ``self.epoch_stats`` holds the lr of its last step and the fp16 steps it skipped.
 
         With ``train.model_selection=best_val`` the accuracy on ``val`` (the val data of all seen
         classes, FC head, no task id) is measured after every epoch and the task ends with the
@@ -122,21 +120,27 @@ class Trainer:
             replay = flagged(memory, True)
         with torch.no_grad(), self.autocast():
             data, replay = method.training_data(data, replay)
-        if optimizer is None:
-            optimizer = make_optimizer(method.parameters(), cfg, hp.lr or cfg.lr)
-        method.optimizer = optimizer
+        n, epochs, accumulate = num_samples(data), hp.epochs or cfg.epochs, cfg.accumulate
+        micro = micro_batches(n, cfg.batch_size, drops_last(cfg, method))  # (start, end) in the epoch's order
+        # each optimizer step: `accumulate` micro-batches, each loss weighted by its share of the step's rows
+        steps_of = [micro[i:i + accumulate] for i in range(0, len(micro), accumulate)]
+        weights = [[(e - s) / (group[-1][1] - group[0][0]) for s, e in group] for group in steps_of]
+        if regime is None:
+            regime = Regime.build(method, cfg, self.device)
+        regime.start_task(len(steps_of), epochs, *position)
+        method.optimizer = regime.optimizer
         method.model.train()
         sharded = parallel.current() is not None
         if sharded:  # the rank's own stream for its rows' augmentations (parallel.RankRandom)
             parallel.seed_rank_random(int(method.cfg.seed), len(method.task_ranges), self.device)
         loader = (StreamLoader(data, self.device, loader_cfg.workers if loader_cfg else 0,
                                loader_cfg.prefetch if loader_cfg else 2) if is_streamed(data) else None)
-        n, start_epoch, start_step, order = num_samples(data), 0, 0, None
+        start_epoch, start_step, order = 0, 0, None
         total, steps = torch.zeros((), device=self.device), 0
         if resume is not None:
             method.model.load_state_dict(resume["model"])
             method.load_state_dict(resume["method"])
-            optimizer.load_state_dict(resume["optimizer"])
+            regime.load_state_dict(resume["regime"])
             start_epoch, start_step, order = resume["epoch"], resume["step"], resume["order"]
             total, steps = resume["total"].to(self.device), resume["steps"]
             method.__dict__["_terms"] = resume["terms"]
@@ -145,41 +149,48 @@ class Trainer:
             set_rng_state(resume["rng"])
             parallel.set_rank_random_state(resume["rank_randoms"][parallel.rank()] if sharded else None)
         clock = Clock(cfg.checkpoint_every, cfg.checkpoint_minutes) if checkpoint is not None else None
-        for epoch in range(start_epoch, hp.epochs or cfg.epochs):
+        for epoch in range(start_epoch, epochs):
             if order is None:
                 order = torch.randperm(n)  # as batches(shuffle=True) draws it
             if epoch > start_epoch or resume is None:
                 total, steps = torch.zeros((), device=self.device), 0
-            # several processes: this rank's slice of each global batch (avcl.parallel)
-            cut = parallel.shard_rows(order, cfg.batch_size) if sharded else \
-                [(order[s:s + cfg.batch_size], None) for s in range(0, n, cfg.batch_size)]
             first = start_step if epoch == start_epoch else 0
-            cut = cut[first:]
-            rows_of = loader.epoch([rows for rows, _ in cut]) if loader is not None else \
-                (select(data, rows.to(self.device)) for rows, _ in cut)
-            for index, (batch, (_, step)) in enumerate(zip(rows_of, cut), start=first):
-                if replay is not None:
-                    pick = torch.randint(num_samples(replay), (cfg.replay_batch_size,))
-                    if step is not None:
-                        pick = parallel.slice_rows(pick, step)
-                    batch = concat([batch, select(replay, pick.to(self.device))])
+            # several processes: this rank's slice of each global micro-batch (avcl.parallel)
+            cut = [parallel.shard_rows(order[s:e], e - s)[0] if sharded else (order[s:e], None)
+                   for group in steps_of[first:] for s, e in group]
+            rows_of = iter(loader.epoch([rows for rows, _ in cut]) if loader is not None else
+                           (select(data, rows.to(self.device)) for rows, _ in cut))
+            shards = iter(cut)
+            for index in range(first, len(steps_of)):
+                step_loss = torch.zeros((), device=self.device)
+                for part, weight in enumerate(weights[index]):
+                    batch, (_, step) = next(rows_of), next(shards)
+                    if replay is not None:
+                        pick = torch.randint(num_samples(replay), (cfg.replay_batch_size,))
+                        if step is not None:
+                            pick = parallel.slice_rows(pick, step)
+                        batch = concat([batch, select(replay, pick.to(self.device))])
+                    with (parallel.collective("a training step") if sharded else contextlib.nullcontext()):
+                        with self.autocast(), (parallel.step(step) if sharded else contextlib.nullcontext()):
+                            loss = method.training_loss(batch)
+                        if part == 0:  # after the forward pass: what a method's own backward left goes too
+                            regime.optimizer.zero_grad(set_to_none=True)
+                        # several processes: gathered rows send their gradients back here
+                        regime.backward(loss * weight if len(weights[index]) > 1 else loss)
+                    step_loss += loss.detach() * weight
                 with (parallel.collective("a training step") if sharded else contextlib.nullcontext()):
-                    with self.autocast(), (parallel.step(step) if sharded else contextlib.nullcontext()):
-                        loss = method.training_loss(batch)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()  # several processes: gathered rows send their gradients back here
-                    if sharded:
-                        parallel.average_gradients(optimizer)
-                optimizer.step()
-                total += loss.detach()
+                    regime.step(sharded)  # (average,) unscale, clip, step, lr
+                total += step_loss
                 steps += 1
                 if clock is not None and clock.due(sharded):
-                    checkpoint(step_state(method, optimizer, epoch, index + 1, order, total, steps,
+                    checkpoint(step_state(method, regime, epoch, index + 1, order, total, steps,
                                           best_accuracy, best_state))
                 parallel.test_stop(f"{method.name}:{len(method.task_ranges) - 1}:{epoch}:{index + 1}")
             order = None
             if sharded:  # the epoch's loss over every rank's slices (equal slices: the mean of the means)
                 total = parallel.average(total)
+            self.epoch_stats = {"lr": regime.last_lr, **({"skipped_steps": regime.pop_skipped()}
+                                                               if regime.scaler is not None else {})}
             on_epoch(epoch, float(total) / max(steps, 1))  # one host sync per epoch, not per step
             parallel.test_stop(f"{method.name}:{len(method.task_ranges) - 1}:{epoch}")
             if select_best:
@@ -195,7 +206,7 @@ class Trainer:
             method.model.load_state_dict(best_state)
         method.model.eval()
         method.after_task(task)
-        return optimizer
+        return regime
 
     @torch.no_grad()
     def fc_accuracy(self, method: Method, samples: Samples) -> float:

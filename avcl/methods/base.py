@@ -195,8 +195,18 @@ class Method(ABC):
             self.memory.load_state_dict(state["memory"])
 
     # ----- helpers for subclasses ---------------------------------------------------------
+    def named_parameters(self):
+        """What the optimizer trains (the trainable ones of these; avcl.engine.regime groups them by name)."""
+        return self.model.named_parameters()
+
     def parameters(self):
-        return self.model.parameters()
+        return (p for _, p in self.named_parameters())
+
+    def param_groups(self, groups: list[dict]) -> list[dict]:
+        """The optimizer's parameter groups as ``train.*`` built them (torch param-group dicts, each with
+        ``params``, ``names``, ``lr``, ``weight_decay``, ``name``): change or add groups here (e.g. a module with
+        its own lr). Default: unchanged."""
+        return groups
 
     def frozen_copy(self) -> AVNet:
         old = copy.deepcopy(self.model).eval()

@@ -17,8 +17,10 @@ dampening, nesterov, coupled decay, the stored momentum buffer read, never writt
 the same pattern. ``amsgrad`` and ``maximize`` are not supported (the trainer never sets them).
 
 ``virtual_step(params, optimizer)`` snapshots the parameters, yields a function that applies
-the step, and on exit restores the parameters exactly and drops their gradients (the STELLA
-code deep-copies the whole state dict; parameters are all a step changes).
+the step, and on exit restores the parameters exactly and their gradients as they were before (the STELLA
+code deep-copies the whole state dict; parameters are all a step changes). The step reads each group's current
+``lr``, which the schedule (avcl.engine.regime) sets before every real step, and the configured optimizer's rule
+(Adam, AdamW, SGD: ``train.optimizer``).
 """
 from __future__ import annotations
 
@@ -86,15 +88,17 @@ def _sgd(optimizer, group, params) -> None:
 @contextlib.contextmanager
 def virtual_step(params: Iterable[torch.nn.Parameter],
                  optimizer: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
-    """Snapshot ``params``; yield ``step()`` (one virtual optimizer step from the current grads);
-    on exit restore the parameters exactly and set their grads to None."""
+    """Snapshot ``params`` and their grads; yield ``step()`` (one virtual optimizer step from the current grads,
+    e.g. those computed inside after a ``zero_grad``); on exit restore the parameters exactly and the grads as they
+    were on entry (those of the earlier micro-batches of an accumulated step, ``train.accumulate``; usually None)."""
     params = list(params)
     saved = [(p, p.detach().clone()) for p in params if p.requires_grad]
+    grads = [p.grad for p in params]
     try:
         yield lambda: virtual_optimizer_step(optimizer)
     finally:
         with torch.no_grad():
             for p, value in saved:
                 p.copy_(value)
-        for p in params:
-            p.grad = None
+        for p, grad in zip(params, grads):
+            p.grad = grad
