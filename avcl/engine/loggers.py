@@ -113,7 +113,7 @@ class MethodLog:
 
     def epoch(self, task: int, epoch: int, loss: float, terms: dict, seconds: float, elapsed: float,
               stats: Optional[dict] = None) -> None:
-        """``stats``: the optimizer step's (the lr of the epoch's last step, fp16 steps skipped), columns of their own."""
+        """``stats``: the optimizer step's (the lr of the epoch's last step, fp16 steps skipped), own columns."""
         row = {"task": task, "epoch": epoch, "loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
                **(stats or {}), "seconds": round(seconds, 4), "elapsed_seconds": round(elapsed, 4)}
         self.flush()

@@ -26,7 +26,8 @@ A killed run resumes from each method's last checkpoint and reproduces the unint
 run's metrics (on CPU; wall-clock times aside). Inside a task it resumes from the step checkpoint: the task
 starts again from its starting state (the previous task's checkpoint, or the fresh model), ``before_task`` and
 ``training_data`` run as the first time, then the step checkpoint's state replaces the model's, the
-optimizer's (with its lr schedule and GradScaler), the method's and the RNGs', and training continues at the next step of the same permutation.
+optimizer's (with its lr schedule and GradScaler), the method's and the RNGs', and training continues at the
+next step of the same permutation.
 """
 from __future__ import annotations
 
