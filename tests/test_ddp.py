@@ -45,8 +45,11 @@ def matrix(run_dir, method):
 
 
 @pytest.mark.parametrize("methods,extra", [("[finetune,er,icarl]", []), ("[avcil]", AVCIL),
-                                           ("[er,icarl]", ["data.residency=stream", "data.workers=1"])],
-                         ids=["finetune-er-icarl", "avcil", "streamed"])
+                                           ("[er,icarl]", ["data.residency=stream", "data.workers=1"]),
+                                           # 2 micro-batches of 10 per step, averaged across ranks once per step
+                                           ("[finetune,er]", ["train.batch_size=10", "train.accumulate=2",
+                                                              "train.schedule=cosine", "train.warmup_epochs=1"])],
+                         ids=["finetune-er-icarl", "avcil", "streamed", "accumulated"])
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, methods, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["synthetic", f"methods={methods}", *DDP_TINY, *extra]
@@ -254,14 +257,142 @@ def test_gathered_infonce_dino_centre_and_avcil_step_equal_one_process():
 
 
 def test_pretraining_stream_in_two_processes_keeps_a_reservoir_per_rank(tmp_path):
-    """The label-free stream end to end under torchrun (init stage, ER, STELLA, CLS-ER): the replicas agree
-    after every task (the run checks it), and the checkpoint holds each rank's reservoir of memory.size / 2."""
+    """The label-free stream end to end under torchrun (init stage, STELLA and every replay baseline, with their
+    collectives inside the step: MIR's and GMED's all-reduced virtual gradient, CLS-ER's gathered softmax): the
+    replicas agree after every task (the run checks it), and the checkpoint holds each rank's reservoir of
+    memory.size / 2."""
     run_dir = tmp_path / "run"
-    done = torchrun("run", "pretrain/synthetic", "methods=[er,stella,clser]", "train.num_threads=1", "eval.batch_size=8",
-                    "train.keep_checkpoints=true", "--quiet", "--out", str(run_dir))
+    methods = ("er", "stella", "clser", "mir", "gmed", "lump", "derpp")
+    done = torchrun("run", "pretrain/synthetic", f"methods=[{','.join(methods)}]", "train.num_threads=1",
+                    "eval.batch_size=8", "train.keep_checkpoints=true", "--quiet", "--out", str(run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
-    for method in ("er", "stella", "clser"):
+    for method in methods:
         assert json.loads((run_dir / method / "metrics.json").read_text())["complete"]
         reservoirs = torch.load(run_dir / method / "checkpoint.pt", weights_only=True)["rank_memory"]
         assert [r["capacity"] for r in reservoirs] == [8, 8]  # memory.size=16 in pretrain/synthetic
     assert (run_dir / "init" / "model.pt").is_file()
+
+
+# ----- the pre-training baselines' step, as a unit: 2 gloo processes against one -------------------------
+
+BASELINES = {"er": {}, "derpp": {}, "lump": {}, "mir": {"search_factor": 2}, "gmed": {"grad_stride": 1e3},
+             "clser": {"temperature": 0.5}}
+# what one process runs to equal 2 (MIR's pools never span processes: 2 processes select as code_ranks=2)
+ONE_PROCESS = {"mir": {"code_ranks": 2}}
+
+
+class _Shards:
+    """One process's reservoir as 2 ranks hold it: ``sample(k)`` is rank 0's ``sample(k / 2)`` then rank 1's, so
+    the one-process step draws the very rows the two ranks draw, in rank order (the gathered order)."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def __len__(self):
+        return sum(len(s) for s in self.shards)
+
+    def sample(self, k):
+        parts = [s.sample(k // len(self.shards)) for s in self.shards]
+        return (torch.cat([slots + 1000 * i for i, (slots, _) in enumerate(parts)]),
+                {key: torch.cat([rows[key] for _, rows in parts]) for key in parts[0][1]})
+
+    def add(self, rows):
+        pass
+
+    def write(self, slots, rows):
+        pass
+
+
+def _baseline_steps(rank: int, port: int, results) -> None:
+    """Each baseline's loss and gradients on one global batch (8 current rows, replay 8): one process vs the
+    mean over 2 ranks of their slices (4 rows each, each rank replaying from its own reservoir of 8 rows).
+    Masks are made deterministic (the same hidden patches for every row) and the inputs are prepared
+    without augmentation, so the two differ only by float round-off; the ranks' own random streams are on,
+    as in a run."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from types import SimpleNamespace
+
+    import avcl.models.cav as cav
+    from avcl import parallel as distributed
+    from avcl.memory.reservoir import ReservoirBuffer
+    from test_ssl_baselines import cav_batch, make_method, tiny_cfg
+
+    def fixed_masking(batch, length, keep, device=None, generator=None):
+        order = torch.randperm(length, generator=torch.Generator().manual_seed(length)).to(device)
+        return order[:keep].expand(batch, keep), order[keep:].expand(batch, length - keep)
+    cav.random_masking = fixed_masking
+    distributed.setup(SimpleNamespace(device="cpu", dist_timeout=60))
+    distributed.seed_rank_random(0, 0, torch.device("cpu"))  # each rank its own stream inside a step, as a run
+    try:
+        cfg = tiny_cfg(train={"batch_size": 8, "replay_batch_size": 8})
+        batch, stored = cav_batch(8, seed=1), cav_batch(16, seed=2)
+        out = {}
+        for name, hparams in BASELINES.items():
+            def built(**extra):
+                torch.manual_seed(0)
+                method = make_method(name, cfg=cfg, **{**hparams, **extra})
+                prepare = method.model.prepare
+                method.model.prepare = lambda rows, train: prepare(rows, False)  # no augmentation draws
+                if name == "clser":  # EMAs apart from the model, so that the matching softmax decides
+                    g = torch.Generator().manual_seed(4)
+                    with torch.no_grad():
+                        for ema, scale in ((method.stable, 0.3), (method.plastic, 0.1)):
+                            for p in ema.parameters():
+                                p.add_(scale * torch.randn(p.shape, generator=g))
+                return method
+
+            def shard(r, method):
+                memory = ReservoirBuffer(8, seed=10 + r)
+                with torch.no_grad():
+                    rows = method.model.prepare({k: v[8 * r:8 * r + 8] for k, v in stored.items()}, False)
+                if name == "derpp":
+                    rows.update(z_audio=torch.randn(8, 32, generator=torch.Generator().manual_seed(r)),
+                                z_video=torch.randn(8, 32, generator=torch.Generator().manual_seed(r + 2)))
+                memory.add(rows)
+                return memory
+
+            def step(method, rows, sliced):
+                method.model.zero_grad(set_to_none=True)
+                torch.manual_seed(3)  # the shared stream (LUMP's lambda)
+                with distributed.step(distributed.Step(True, [4, 4])) if sliced else contextlib.nullcontext():
+                    loss = method.training_loss(rows)
+                loss.backward()
+                if sliced:
+                    distributed.average_gradients(method.optimizer)
+                    loss = distributed.average(loss.detach())
+                return loss.detach(), {n: p.grad.clone() for n, p in method.model.named_parameters()
+                                       if p.grad is not None}
+
+            one = built(**ONE_PROCESS.get(name, {}))
+            one.memory = _Shards([shard(0, one), shard(1, one)])
+            full = step(one, batch, sliced=False)
+            two = built()
+            two.memory = shard(rank, two)
+            mine = type(batch)({k: v[4 * rank:4 * rank + 4] for k, v in batch.items()})
+            out[name] = {"full": full, "two": step(two, mine, sliced=True)}
+        results[rank] = out
+    finally:
+        distributed.close()
+
+
+def test_pretraining_baselines_in_two_processes_equal_one_process():
+    """ER, DER++, LUMP, MIR, GMED and CLS-ER: one step in 2 processes (each rank its slice and its own
+    reservoir) gives the one-process loss and gradients on the same global batch and the same replayed rows
+    (MIR: one process with code_ranks=2, its pools per rank). GMED's stride is large so that its edit size
+    (the 1/W of its per-rank input gradients) shows in the loss; CLS-ER's EMAs are moved off the model so that
+    its matching softmax (over the 8 replay rows, gathered) picks the targets. Before the fixes mir (8 of 8
+    candidates kept per rank), lump (2 of 4 rows mixed, a lambda per rank), gmed (2x edits) and clser (a
+    softmax over each rank's 4 rows) failed here."""
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_baseline_steps, args=(free_port(), results), nprocs=2, join=True)
+    for name in BASELINES:
+        for rank in (0, 1):
+            (want_loss, want_grads), (loss, grads) = results[rank][name]["full"], results[rank][name]["two"]
+            # float32 sums in another order, as the unit test above: ~1e-6
+            torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5, msg=name)
+            assert grads.keys() == want_grads.keys(), name
+            for key in want_grads:
+                torch.testing.assert_close(grads[key], want_grads[key], atol=1e-5, rtol=1e-4, msg=f"{name} {key}")

@@ -470,13 +470,15 @@ def test_virtual_step_matches_a_real_step_and_restores_everything(kind):
     twin_opt.step()
     weights = [p.detach().clone() for p in net.parameters()]
     state = copy.deepcopy(opt.state_dict())
+    grads = [p.grad for p in net.parameters()]
     with virtual_step(net.parameters(), opt) as step:
         step()
         for p, q in zip(net.parameters(), twin.parameters()):
             assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), kind  # (Adam: eps placed as STELLA's, O(eps) off)
         assert any(not torch.equal(p, w) for p, w in zip(net.parameters(), weights))
+        net.zero_grad(set_to_none=True)  # as MIR's and GMED's steps do inside
     assert all(torch.equal(p, w) for p, w in zip(net.parameters(), weights))
-    assert all(p.grad is None for p in net.parameters())
+    assert all(p.grad is g for p, g in zip(net.parameters(), grads))  # the entry's grads (earlier micro-batches)
     after = opt.state_dict()
     assert after["state"].keys() == state["state"].keys()
     for key, value in state["state"].items():
@@ -520,3 +522,61 @@ def test_ema_update_moves_parameters_and_copies_buffers():
         assert torch.allclose(t, 0.9 * o + 0.1 * s)
     assert torch.equal(target[1].running_mean, source[1].running_mean)
     assert ema_decay(0, 0.999) == 0.0 and ema_decay(1, 0.999) == 0.5 and ema_decay(10 ** 6, 0.999) == 0.999
+
+
+# ----- code_ranks: one process emulating the official code's per-rank batch of B/R rows ---------------------
+
+def test_mir_code_ranks_keeps_the_top_of_each_pool():
+    """R = 2: the 8 candidates are 2 pools of 4 (as 2 ranks of the code draw them), the top 2 of each kept;
+    R = 1: the top 4 of all 8. Planted scores: pool 0 holds the 4 highest."""
+    scores = torch.tensor([8.0, 7.0, 6.0, 5.0, 1.0, 2.0, 3.0, 4.0])
+    expected = {1: [0, 1, 2, 3], 2: [0, 1, 6, 7]}
+    for ranks, positions in expected.items():
+        method = toy_method("mir", replay_batch_size=4, search_factor=2, code_ranks=ranks)
+        g = torch.Generator().manual_seed(0)
+        method.memory.add({"audio": torch.randn(8, 3, generator=g), "video": torch.randn(8, 2, generator=g)})
+        method.interference = lambda x, candidates: scores
+        draws, calls = [], []
+        spy_sample(method.memory, draws)
+        spy_ssl_loss(method.model, calls)
+        method.training_loss(NoLabels(audio=torch.ones(2, 3), video=torch.ones(2, 2)))
+        candidates = draws[0][1]["audio"]
+        replayed = calls[-1][0]["audio"][2:]
+        assert sorted(int((candidates == row).all(1).nonzero()) for row in replayed) == positions, ranks
+
+
+def test_gmed_code_ranks_scales_the_edit():
+    """R = 2: every edit (stored row after - before) is twice the R = 1 edit, from the same state and draw."""
+    edits = {}
+    for ranks in (1, 2):
+        method = toy_method("gmed", replay_batch_size=2, code_ranks=ranks)
+        stored = {"audio": torch.tensor([[1.0, 0.5, -1.0], [2.0, -1.0, 0.0], [0.3, 0.3, 2.0]]),
+                  "video": torch.tensor([[0.5, 1.0], [-1.0, 0.2], [1.5, -0.5]])}
+        method.memory.add(stored)
+        method.training_loss(NoLabels(audio=torch.tensor([[2.0, -1.0, 1.0], [1.5, 0.5, -2.0]]),
+                                      video=torch.tensor([[1.0, 1.0], [-1.0, 2.0]])))
+        edits[ranks] = {key: method.memory.storage[key][:3] - stored[key] for key in stored}
+    for key in ("audio", "video"):
+        assert edits[1][key].abs().max() > 1e-3  # the edit is not negligible here
+        torch.testing.assert_close(edits[2][key], 2 * edits[1][key], rtol=1e-5, atol=1e-6)  # (x + e) - x
+
+
+def test_clser_code_ranks_runs_the_matching_softmax_per_group():
+    """R = 2 on 4 replay rows: each row's target is the one R = 1 picks on its half alone (rows 0-1, rows 2-3);
+    the plant is one where the softmax over all 4 rows picks otherwise."""
+    g = torch.Generator().manual_seed(0)
+    stable = {"audio": torch.randn(4, 3, generator=g), "video": torch.randn(4, 3, generator=g)}
+    plastic = {"audio": torch.randn(4, 3, generator=g), "video": torch.randn(4, 3, generator=g)}
+
+    def targets(ranks, rows):
+        method = toy_method("clser", replay_batch_size=4, code_ranks=ranks, temperature=0.5)
+        method.stable.masked_embeddings = lambda x: {k: v[rows] for k, v in stable.items()}
+        method.plastic.masked_embeddings = lambda x: {k: v[rows] for k, v in plastic.items()}
+        return method.targets({"audio": torch.zeros(len(rows), 3), "video": torch.zeros(len(rows), 2)})
+
+    grouped = targets(2, [0, 1, 2, 3])
+    halves = [targets(1, [0, 1]), targets(1, [2, 3])]
+    whole = targets(1, [0, 1, 2, 3])
+    for key in ("audio", "video"):
+        assert torch.equal(grouped[key], torch.cat([h[key] for h in halves]))
+    assert any(not torch.equal(whole[key], grouped[key]) for key in ("audio", "video"))

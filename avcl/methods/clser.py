@@ -19,6 +19,12 @@ EMA weights and t are in ``state_dict``, so a resumed run continues exactly.
 
 Deviations: the EMA copies are made at the first ``before_task`` (the model then holds its
 initial weights and sits on the training device), not when the method is built.
+
+Batch size and processes: the matching softmax runs over the global replay batch (B_r rows): under W
+processes the EMA embeddings are all-gathered for it (no gradient), so W processes select as one
+process. The STELLA code runs it per rank, over the B/R replay rows of its R = 4 GPUs (12 rows, not 48:
+an easier match, so higher pair probabilities). ``code_ranks`` = R emulates that: the softmax runs
+within R consecutive groups of B_r / R rows (of the global batch, in rank order).
 """
 from dataclasses import dataclass
 
@@ -29,7 +35,8 @@ from avcl import parallel
 from avcl.core.options import option
 from avcl.methods import register
 from avcl.methods.base import Hparams
-from avcl.methods.replay_ssl import LabelFreeMethod, draw, inputs_of, joined, prepare_current, ssl_terms
+from avcl.methods.replay_ssl import (LabelFreeMethod, draw, group_bounds, inputs_of, joined, prepare_current,
+                                     ssl_terms)
 from avcl.nn.cl_losses import embedding_mse
 from avcl.nn.ema import ema_decay, ema_update
 
@@ -42,6 +49,8 @@ class CLSERHparams(Hparams):
     stable_model_update_freq: float = option(0.6, range="[0,1]")  # probability of a stable EMA update per step
     stable_model_alpha: float = option(0.999, range="[0,1]")  # stable EMA decay (after the warm-up)
     temperature: float = option(0.05, range=">0")  # of the audio-video matching softmax that selects the target
+    # R: the matching softmax within groups of B_r/R replay rows, as the code on R ranks; 1: the global replay batch
+    code_ranks: int = option(1, range=">=1")
 
 
 @register
@@ -61,10 +70,19 @@ class CLSER(LabelFreeMethod):
             self.plastic, self.stable = self.frozen_copy(), self.frozen_copy()
 
     def pair_probabilities(self, emb: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """diag of row-softmax(G) (audio anchors) and of row-softmax(G^T) (video anchors), G = a v^T / tau."""
+        """This rank's rows of diag row-softmax(G) (audio anchors) and of diag row-softmax(G^T) (video anchors),
+        G = a v^T / tau over the global replay rows (gathered under several processes), within each of the
+        ``code_ranks`` groups."""
         a, v = F.normalize(emb["audio"].float(), dim=1), F.normalize(emb["video"].float(), dim=1)
-        logits = a @ v.T / self.hp.temperature
-        return logits.softmax(dim=1).diagonal(), logits.T.softmax(dim=1).diagonal()
+        a_all, offset = parallel.all_rows(a)
+        v_all, _ = parallel.all_rows(v)
+        av, va = [], []
+        for start, end in group_bounds(len(a_all), self.hp.code_ranks):
+            logits = a_all[start:end] @ v_all[start:end].T / self.hp.temperature
+            av.append(logits.softmax(dim=1).diagonal())
+            va.append(logits.T.softmax(dim=1).diagonal())
+        mine = slice(offset, offset + len(a))
+        return torch.cat(av)[mine], torch.cat(va)[mine]
 
     @torch.no_grad()
     def targets(self, rows: dict) -> dict:

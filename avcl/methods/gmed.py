@@ -24,11 +24,20 @@ Deviations: the STELLA code obtains the regulariser gradient (-g1) through two e
 gradient backward passes on the pre graph plus a full backward; here g1 comes from one input-
 gradient pass (identical values, 3 backward traversals per step instead of 5). The sign of the
 reg_strength term is the official GMED code's (the paper's objective may have the opposite).
+
+Batch size and processes: the input gradients are those of a loss *mean* over the drawn rows, so each
+row's edit scales as 1/B_r. Here B_r is the global replay batch (one process, or W processes: each
+rank's gradient is rescaled by 1/W and the virtual step's gradient is all-reduced, so W processes edit
+as one process); the STELLA code computes both per rank, over B/R rows on R = 4 GPUs, so its edits are
+R times larger (for the MAE terms exactly; its contrastive gradient too, as far as the mean goes), and
+its virtual step sees B/R current rows. ``code_ranks`` = R multiplies the input gradients by R, the
+code's per-rank edit size on one process (the virtual step stays the global batch's).
 """
 from dataclasses import dataclass
 
 import torch
 
+from avcl import parallel
 from avcl.core.options import option
 from avcl.methods import register
 from avcl.methods.base import Hparams
@@ -42,6 +51,8 @@ class GMEDHparams(Hparams):
     reg_strength: float = 0.05  # beta: weight of the pre-update loss gradient in the direction
     edit_decay: float = option(1.0, range="[0,1]")  # gamma: edits scaled by (1 - gamma) ** age
     count_edits: bool = False  # false: age stays 0 (STELLA's code); true: age = edits of the slot (GMED's)
+    # R: input gradients of a mean over B_r/R rows (R x larger edits), as the code on R ranks; 1: the global batch
+    code_ranks: int = option(1, range=">=1")
 
 
 @register
@@ -61,9 +72,16 @@ class GMED(LabelFreeMethod):
         with virtual_step(model.parameters(), self.optimizer) as step:
             model.zero_grad(set_to_none=True)
             model.ssl_loss(x)["loss"].backward()
+            if parallel.is_gathering():  # the global current batch's gradient, as one process
+                parallel.average_gradients(self.optimizer)
             step()
             g2 = self.input_grads(rows)
-        scale = torch.full((len(rows["audio"]),), self.hp.grad_stride, device=rows["audio"].device)
+        # W processes: each rank's gradient is W x the global mean's (its mean over B_r / W rows; the gathered
+        # contrastive rows' gradients are summed over the ranks), so 1/W gives one process's edit; R emulates
+        # the code's mean over B_r / R rows
+        ranks = parallel.world() if parallel.is_gathering() else 1
+        stride = self.hp.grad_stride * self.hp.code_ranks / ranks
+        scale = torch.full((len(rows["audio"]),), stride, device=rows["audio"].device)
         if self.hp.count_edits:
             scale = scale * (1 - self.hp.edit_decay) ** stored["edits"].to(scale.dtype)
         edited = {}

@@ -6,6 +6,11 @@ step, mix audio and video with the same lambda, and take the CAV-MAE loss of the
 only (no clean term, no concatenation). The clean current rows are then offered to the
 reservoir. While the memory is empty the loss is that of the current batch.
 
+Several processes: each rank mixes every row of its slice with a row of its own reservoir (before this
+was fixed it drew 1/W as many rows as its slice has, so only 1/W of its rows were mixed), and
+lambda comes from the shared stream, so the W ranks mix with one lambda, as one process does with the
+global batch (the STELLA code: each rank its own unseeded numpy lambda).
+
 Deviations: lambda is drawn from torch's (seeded, checkpointed) RNG, not numpy's unseeded one.
 The draw size is the current batch's size (the STELLA code draws ``replay_batch_size`` = B
 rows, which is the same there); if the memory holds fewer rows than the batch (only possible
@@ -15,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from avcl import parallel
 from avcl.core.options import option
 from avcl.methods import register
 from avcl.methods.base import Hparams
-from avcl.methods.replay_ssl import LabelFreeMethod, draw, logged_ssl_loss, prepare_current
+from avcl.methods.replay_ssl import LabelFreeMethod, draw_local, logged_ssl_loss, prepare_current
 
 
 @dataclass
@@ -39,7 +45,8 @@ class LUMP(LabelFreeMethod):
 
     def mix(self, x, replay):
         """The step's mixed inputs: lam * current + (1 - lam) * replay on the first len(replay) rows."""
-        lam = float(self.beta.sample())
+        with parallel.shared_random():  # several processes: one lambda for the global batch
+            lam = float(self.beta.sample())
         k = len(replay["audio"])
         mixed = {}
         for key, value in x.items():
@@ -49,7 +56,7 @@ class LUMP(LabelFreeMethod):
 
     def training_loss(self, batch):
         x = prepare_current(self.model, batch)
-        _, replay = draw(self.memory, len(x["audio"]))
+        _, replay = draw_local(self.memory, len(x["audio"]))  # one per row of this rank's slice
         loss = logged_ssl_loss(self, x if replay is None else self.mix(x, replay))["loss"]
         self.memory.add(x)
         return loss

@@ -12,6 +12,13 @@ A step of every replay baseline (ER, DER++, MIR, GMED, CLS-ER, LUMP) on a label-
 4. after that forward, offer the current rows to the reservoir (they cannot be replayed in the
    step that inserts them).
 
+Several processes (W): counts such as ``train.replay_batch_size`` are global; each rank draws its
+share from its own reservoir (``draw``), so the ranks together replay as many rows as one process
+with the same global batch. The methods whose step has a batch-level search or softmax (MIR's
+top-k pool, GMED's input gradient of a batch mean, CLS-ER's matching softmax) run it over the
+global batch, as one process does, and offer ``code_ranks`` (``code_groups``): R > 1 runs it per
+group of B/R rows instead, as the official code does per rank on R GPUs (R = 4 in the STELLA runs).
+
 The methods that exist only for label-free models subclass ``LabelFreeMethod``.
 """
 from __future__ import annotations
@@ -54,6 +61,31 @@ def draw(memory: ReservoirBuffer, k: int) -> tuple[torch.Tensor, Optional[Sample
     reservoir (the STELLA code's ``utils/buffer.py``: the replay mini-batch is the per-GPU batch)."""
     slots, rows = memory.sample(parallel.per_rank(k))
     return slots, (rows if rows and len(slots) else None)
+
+
+def draw_local(memory: ReservoirBuffer, k: int) -> tuple[torch.Tensor, Optional[Samples]]:
+    """``min(k, len(memory))`` stored rows, ``k`` already this rank's count (e.g. one per current row)."""
+    slots, rows = memory.sample(k)
+    return slots, (rows if rows and len(slots) else None)
+
+
+def code_groups(code_ranks: int, what: str) -> int:
+    """How many groups of rows this rank splits a batch-level computation into, to emulate the official code's
+    ``code_ranks`` ranks (each computing it on its own B/R rows): ``code_ranks / W`` in a step cut across W
+    processes, 1 when ``code_ranks`` is 1 (the global batch). Refused when W does not divide a ``code_ranks`` > 1."""
+    w = parallel.world() if parallel.is_gathering() else 1  # an uncut step: every rank computes the whole batch
+    if code_ranks == 1:
+        return 1
+    if code_ranks % w:
+        raise AvclError(f"{what}.code_ranks={code_ranks} must be 1 or a multiple of the {w} processes")
+    return code_ranks // w
+
+
+def group_bounds(count: int, groups: int) -> list[tuple[int, int]]:
+    """[start, end) of ``groups`` consecutive near-equal groups of ``count`` rows (the first ones one row larger)."""
+    sizes = [count // groups + (g < count % groups) for g in range(groups)]
+    starts = [sum(sizes[:g]) for g in range(groups)]
+    return [(start, start + size) for start, size in zip(starts, sizes)]
 
 
 def joined(current: dict[str, torch.Tensor], replay: Optional[Samples]) -> dict[str, torch.Tensor]:
