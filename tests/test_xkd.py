@@ -212,6 +212,191 @@ def test_local_views_are_interpolated_and_counted(data):
     assert embed["joint"].shape == (2, 64)
 
 
+# ----- the model against the official code (pritamqu/XKD) -------------------------------------------
+def test_decoders_have_no_final_norm_and_no_qkv_bias_as_the_code(data):
+    names = [n for n, _ in tiny_model(data).decoder["video"].named_parameters()]
+    assert "blocks.0.attn.qkv.weight" in names and "pred.weight" in names
+    assert not any(n.startswith("norm.") for n in names)  # mask_model.py: decoder blocks -> out_proj
+    assert "blocks.0.attn.qkv.bias" not in names  # vit2.py ViT_Backbone: qkv_bias=False
+    names = [n for n, _ in tiny_model(data, decoder_norm=True, qkv_bias=True).decoder["audio"].named_parameters()]
+    assert "norm.weight" in names and "blocks.0.attn.qkv.bias" in names
+
+
+def test_encoder_and_decoder_linears_are_xavier_uniform(data):
+    model = tiny_model(data)
+    layers = [model.student["video"].blocks[0].mlp.fc1, model.student["audio"].blocks[1].attn.qkv,
+              model.student["audio"].patch_embed, model.decoder["video"].embed, model.decoder["audio"].pred,
+              model.decoder["video"].blocks[0].mlp.fc2]
+    for layer in layers:
+        fan_out, fan_in = layer.weight.shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))  # U(-bound, bound): variance bound^2 / 3
+        w = layer.weight.detach()
+        assert w.abs().max() <= bound
+        assert w.var().item() == pytest.approx(bound ** 2 / 3, rel=0.25)  # N(0, 0.02) would be 4e-4
+        if layer.bias is not None:
+            assert layer.bias.abs().max() == 0
+    norm = model.student["video"].blocks[0].norm1
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and norm.bias.abs().max() == 0
+    # the heads keep DINO's trunc. N(0, 0.02)
+    assert model.student["video"].head.mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.2)
+    old = tiny_model(data, init="normal").decoder["video"].blocks[0].mlp.fc1.weight
+    assert old.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_local_positional_tables_use_the_shifted_scale_factor(data):
+    model = tiny_model(data)
+    views = model.views({k: v[:2] for k, v in data.train.items()})
+    for m, dims in (("video", 3), ("audio", 2)):
+        enc = model.student[m]
+        patches, grid = model.patchify(m, views[m][1])
+        assert grid != enc.grid
+        d = enc.pos_embed.shape[-1]
+        table = enc.pos_embed.reshape(1, *enc.grid, d).permute(0, dims + 1, *range(1, dims + 1))
+        if m == "video":  # vit_video.py: every axis by (n + 0.1) / N, trilinear
+            scale = tuple((n + 0.1) / big for n, big in zip(grid, enc.grid))
+            mode = "trilinear"
+        else:  # vit_audio.py: time by (n + 0.1) / N, frequency by 1 (our grid is [time, freq]), bicubic
+            scale = ((grid[0] + 0.1) / enc.grid[0], 1.0)
+            mode = "bicubic"
+        ref = torch.nn.functional.interpolate(table, scale_factor=scale, mode=mode, align_corners=False)
+        ref = ref.permute(0, *range(2, dims + 2), 1).reshape(1, -1, d)
+        by_size = torch.nn.functional.interpolate(table, size=grid, mode=mode, align_corners=False)
+        assert not torch.allclose(ref, by_size.permute(0, *range(2, dims + 2), 1).reshape(1, -1, d))
+        x = torch.cat([(enc.cls_token + enc.cls_pos).expand(2, -1, -1), enc.patch_embed(patches) + ref], dim=1)
+        for block in enc.blocks:
+            x = block(x)
+        torch.testing.assert_close(enc(patches, grid)[0], enc.norm(x))
+
+
+def test_softmax_refinement_is_per_head_as_the_code():
+    g = torch.Generator().manual_seed(4)
+    attn_v = torch.rand(2, 3, 5, generator=g).softmax(-1) * 4
+    attn_a = torch.rand(2, 3, 7, generator=g).softmax(-1) * 4
+    want = torch.zeros(2, 5)
+    for b in range(2):  # xkd.py cross_modal_attn('softmax'): (a_v x a_a).mean(-2).softmax(-1); align_feats: head mean
+        for h in range(3):
+            scores = [float(attn_v[b, h, j]) * float(attn_a[b, h].mean()) for j in range(5)]
+            exp = [math.exp(v) for v in scores]
+            for j in range(5):
+                want[b, j] += exp[j] / sum(exp) / 3
+    torch.testing.assert_close(refine_weights(attn_v, attn_a, "softmax"), want)
+
+
+def test_projection_head_shares_one_layernorm_across_its_hidden_layers(data):
+    d, hidden, bottleneck, k = 32, 32, 16, 64  # TINY's width, head_hidden, head_bottleneck, head_dim
+    linears = (d * hidden + hidden) + (hidden * hidden + hidden) + (hidden * bottleneck + bottleneck) + bottleneck * k
+    head = tiny_model(data).student["video"].head
+    assert head.mlp[1] is head.mlp[4]
+    assert trainable(head) == linears + 2 * hidden  # projector.py: one norm, appended after both hidden layers
+    assert trainable(tiny_model(data, head_shared_norm=False).student["video"].head) == linears + 4 * hidden
+
+
+def test_visible_tokens_are_rounded_as_the_code(data, monkeypatch):
+    from avcl.models import xkd as xkd_module
+    from avcl.nn.vit import visible_count
+    assert visible_count(392, 0.85, "round") == 59  # the recipe's 8 x 7 x 7 tubelets: round(58.8)
+    assert visible_count(392, 0.85) == 58  # floor, STELLA's int(L * (1 - r)) (CAV keeps it)
+    kept = []
+    real = xkd_module.random_masking
+    monkeypatch.setattr(xkd_module, "random_masking",
+                        lambda b, n, keep, *a: kept.append((n, keep)) or real(b, n, keep, *a))
+    for rounding in ("round", "floor"):
+        model = tiny_model(data, mask_ratio_video=0.8, mask_ratio_audio=0.7, keep_rounding=rounding)
+        model.loss_terms(model.views({k: v[:2] for k, v in data.train.items()}), kd=False, da=False)
+    # 8 video tokens x 0.2 = 1.6, 16 audio tokens x 0.3 = 4.8
+    assert kept == [(8, 2), (16, 5), (8, 1), (16, 4)]
+
+
+def test_layernorm_eps_is_torchs_default_as_both_codes(data):
+    from avcl.nn.vit import Block
+    norms = [mod for mod in tiny_model(data).modules() if isinstance(mod, torch.nn.LayerNorm)]
+    norms += [mod for mod in Block(8, 2, modes=("audio",)).modules() if isinstance(mod, torch.nn.LayerNorm)]
+    assert len(norms) > 10 and all(mod.eps == 1e-5 for mod in norms)
+
+
+def test_volume_jitter_is_one_log_mel_offset_per_clip_as_a_waveform_gain(data):
+    batch = {k: v[:6] for k, v in data.train.items()}
+    for mode in ("waveform", "scale"):
+        model = tiny_model(data, volume_mode=mode, volume_jitter=0.3, audio_std=2.0)
+        plain = model.views(batch, train=False)["audio"][0]
+        diff = model.views(batch, train=True)["audio"][0] - plain
+        if mode == "scale":
+            assert not torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff), atol=1e-4)
+            continue
+        # wave x g -> power spectrum x g^2 -> log-mel + 2 ln g -> normalised + 2 ln g / std, the same everywhere
+        torch.testing.assert_close(diff, diff[:, :, :1, :1].expand_as(diff), atol=1e-5, rtol=0)
+        offsets = diff[:, 0, 0, 0]
+        assert offsets.min() >= 2 * math.log(0.7) / 2.0 - 1e-5 and offsets.max() <= 2 * math.log(1.3) / 2.0 + 1e-5
+        assert offsets.std() > 0  # one gain per clip
+
+
+def test_hsv_round_trip_matches_colorsys_and_hue_jitter_keeps_value_and_chroma():
+    import colorsys
+    from avcl.nn.augment import _hsv_to_rgb, _rgb_to_hsv, color_jitter
+    g = torch.Generator().manual_seed(6)
+    rgb = torch.rand(2, 3, 3, 4, 5, generator=g)
+    hsv = _rgb_to_hsv(rgb)
+    for idx in [(0, 0, 1, 2), (1, 2, 3, 4), (0, 1, 0, 0)]:
+        b, t, y, x = idx
+        want = colorsys.rgb_to_hsv(*[float(rgb[b, t, c, y, x]) for c in range(3)])
+        got = [float(hsv[b, t, c, y, x]) for c in range(3)]
+        assert got == pytest.approx(list(want), abs=1e-5)
+    torch.testing.assert_close(_hsv_to_rgb(hsv), rgb, atol=1e-5, rtol=0)
+    shifted = color_jitter(rgb, [0.0, 0.0, 0.0, 0.2])
+    torch.testing.assert_close(shifted.max(dim=2).values, rgb.max(dim=2).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shifted.min(dim=2).values, rgb.min(dim=2).values, atol=1e-5, rtol=0)
+    assert (shifted - rgb).abs().max() > 1e-2
+    # brightness alone: one factor per clip in [0.6, 1.4] (no clamping below 1 / 1.4)
+    dim = color_jitter(rgb * 0.7, [0.4, 0.0, 0.0, 0.0]) / (rgb * 0.7).clamp_min(1e-6)
+    per_clip = dim.flatten(1)
+    torch.testing.assert_close(per_clip, per_clip[:, :1].expand_as(per_clip), atol=1e-4, rtol=0)
+    assert per_clip.min() >= 0.6 - 1e-5 and per_clip.max() <= 1.4 + 1e-5
+
+
+def test_gray_and_blur_of_the_views_by_hand():
+    from avcl.nn.augment import gaussian_blur, grayscale
+    g = torch.Generator().manual_seed(7)
+    rgb = torch.rand(1, 1, 3, 2, 2, generator=g)
+    want = 0.299 * rgb[0, 0, 0] + 0.587 * rgb[0, 0, 1] + 0.114 * rgb[0, 0, 2]
+    torch.testing.assert_close(grayscale(rgb)[0, 0, 0], want)
+    delta = torch.zeros(2, 1, 1, 9, 9)
+    delta[:, :, :, 4, 4] = 1.0
+    sigma = torch.tensor([0.5, 1.5])
+    out = gaussian_blur(delta, 5, sigma)
+    for b in range(2):
+        k = [math.exp(-0.5 * (x / float(sigma[b])) ** 2) for x in (-2, -1, 0, 1, 2)]
+        k = [v / sum(k) for v in k]
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                assert float(out[b, 0, 0, 4 + dy, 4 + dx]) == pytest.approx(k[dy + 2] * k[dx + 2], abs=1e-6)
+    assert out[0, 0, 0, 4, 4] > out[1, 0, 0, 4, 4]  # a larger sigma spreads more
+    const = torch.full((2, 1, 1, 6, 6), 0.3)
+    torch.testing.assert_close(gaussian_blur(const, 3, sigma), const)
+
+
+def test_local_audio_crop_at_scale_one_is_an_integer_time_shift_into_the_zero_canvas(data):
+    model = tiny_model(data, audio_freq_scale=[1.0, 1.0], audio_time_scale=[1.0, 1.0], local_volume_jitter=0.0)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(8, 16, 4, generator=g)  # (B, T, F)
+    out = model._audio_crop(x)
+    canvas, origin = int(16 * 1.5), (int(16 * 1.5) - 16) // 2  # the code: virtual canvas 1.5 x time, view centred
+    shifts = set()
+    for b in range(8):
+        found = None
+        for start in range(canvas - 16 + 1):  # crop columns [start, start + 16) of the canvas
+            ref = torch.zeros(16, 4)
+            for t in range(16):
+                if 0 <= start + t - origin < 16:
+                    ref[t] = x[b, start + t - origin]
+            if torch.allclose(out[b], ref, atol=1e-5):
+                found = start
+        assert found is not None
+        shifts.add(found)
+    assert len(shifts) > 1
+    views = tiny_model(data).views({k: v[:2] for k, v in data.train.items()})
+    assert views["audio"][1].shape == (2, 1, 16, 20)
+
+
 @pytest.mark.parametrize("xkd, vit, message", [
     ({"local_frames": 8}, {}, "longer than the clips"),
     ({"local_size": 32}, {}, "local_size=32"),

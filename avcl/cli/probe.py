@@ -7,8 +7,11 @@ variant's model overrides included), frozen, and its features of DATASET's train
 classes) feed linear classifiers (``avcl.eval.probe.linear_probes``: video alone, audio alone, both; a model
 without per-modality features gets the audio+video one only). DATASET is a dataset name (``avdigits``,
 ``synthetic``, ...) or a feature / raw store (``.h5``); ``key=value`` overrides (``data.*``, ``eval.linear_c``,
-``eval.linear_classifier``, ``train.device``...) apply on top of the run's config. Accuracy is top-1,
-or macro mAP for multi-label labels. The last line is ``name=value`` pairs.
+``eval.linear_classifier``, ``eval.probe_protocol``, ``eval.probe_svm_costs``, ``train.device``...) apply on top
+of the run's config. ``eval.probe_protocol=official`` runs XKD's SVM protocol (augmented train views, C chosen on
+a validation split of the train clips, test views averaged) instead of avcl's. Accuracy is top-1, or macro mAP
+for multi-label labels. A line ``protocol avcl|official`` names the protocol; the last line is the numbers as
+``name=value`` pairs.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from avcl.core.device import autocast_factory, pick_device
 from avcl.core.errors import AvclError
 from avcl.core.rng import seed_everything
 from avcl.data import DATASETS, build_dataset
-from avcl.eval.probe import linear_probes
+from avcl.eval.probe import OfficialProbe, linear_probes
 from avcl.models import build_model
 
 
@@ -82,15 +85,30 @@ def _probe(args) -> int:
     device = pick_device(cfg.train.device)
     model.to(device).eval()
     ev = cfg.eval
+    how = (f"{ev.linear_classifier} C={ev.linear_c}" if ev.probe_protocol == "avcl" else
+           f"official (XKD's SVM): {ev.probe_train_views} train views, {ev.probe_test_clips} test views, "
+           f"C among {list(ev.probe_svm_costs)} on {ev.probe_val_fraction:g} of the train clips")
     print(f"avcl probe: {args.target} on {args.dataset}: {len(data.train['label'])} train / "
-          f"{len(data.test['label'])} test clips, {data.num_classes} classes, {ev.linear_classifier} "
-          f"C={ev.linear_c}", file=sys.stderr)
+          f"{len(data.test['label'])} test clips, {data.num_classes} classes, {how}", file=sys.stderr)
     results = linear_probes(model, data.train, data.test, ev.batch_size, device,
-                            autocast_factory(device, cfg.train.precision), ev.linear_classifier, ev.linear_c, cfg.seed)
+                            autocast_factory(device, cfg.train.precision), ev.linear_classifier, ev.linear_c, cfg.seed,
+                            ev.probe_protocol, OfficialProbe.from_eval(ev))
     for key, value in results.items():
-        print(f"  {key.removeprefix('probe_'):<14} {100 * value:.2f} %")
-    print(" ".join(f"{key}={value:.4f}" for key, value in results.items()))
+        name = key.removeprefix('probe_')
+        if key.endswith(("_accuracy", "_map")) and value is not None:
+            print(f"  {name:<18} {100 * value:.2f} %")
+        else:
+            print(f"  {name:<18} {value}")
+    # the numbers only (the protocol is named on its own line above): scripts split this line on '='
+    print(" ".join(f"{key}={_value(key, value)}" for key, value in results.items()
+                   if key != "probe_protocol" and value is not None))
     return 0
+
+
+def _value(key: str, value) -> str:
+    if isinstance(value, float):  # a chosen C (1e-05) would read 0.0000 with 4 decimals
+        return f"{value:g}" if key.endswith("_c") else f"{value:.4f}"
+    return str(value)
 
 
 def register(subparsers) -> None:

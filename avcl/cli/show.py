@@ -18,11 +18,15 @@ import textwrap
 import tokenize
 from functools import lru_cache
 
+import torch
 import yaml
 from omegaconf import OmegaConf
 
 from avcl.config import load_config, method_hparams_for, resolve_recipe
 from avcl.core.options import describe
+from avcl.core.samples import num_samples
+from avcl.engine.regime import regime_lines
+from avcl.engine.runner import build_method, make_scenario
 
 
 @lru_cache(maxsize=None)
@@ -103,12 +107,6 @@ def show(recipe: str | None, overrides: list[str], regime: bool = False) -> str:
 def regime_section(cfg) -> list[str]:
     """Each method's optimizer step as it will run (avcl.engine.regime): its parameter groups with their sizes, the
     lr at points of the first task's curve, the effective batch. Loads the data (the model's shapes, the task size)."""
-    import torch
-
-    from avcl.core.samples import num_samples
-    from avcl.engine.regime import regime_lines
-    from avcl.engine.runner import build_method, make_scenario
-
     scenario = make_scenario(cfg)
     first = scenario.tasks[0].train
     out = ["", "# the optimizer step of each method (train.*; avcl.engine.regime), on task 0 of the scenario"]

@@ -111,6 +111,29 @@ class EvalConfig:
     # eval.protocol=probe and `avcl probe`: per-modality linear probes of the frozen features (scikit-learn)
     linear_classifier: str = option("logistic", choices=("logistic", "svm"))  # logistic | svm (LinearSVC)
     linear_c: float = 1.0  # inverse regularisation strength of the linear classifier
+    # avcl: one feature per clip, standardised, eval.linear_classifier with eval.linear_c | official: XKD's SVM
+    # protocol (avcl.eval.probe.linear_probes): L2-normalised, unstandardised features, LinearSVC on augmented
+    # train views, C chosen on a validation split of the train clips, scores averaged over test views
+    probe_protocol: str = option("avcl", choices=("avcl", "official"))
+    # official: the C grid (XKD's configs/svm/esc50 and kinetics_sound; ucf101/hmdb51: 1e-3..1) and LinearSVC's
+    # max_iter (all its svm configs)
+    probe_svm_costs: List[float] = option(factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0], range=">0")
+    probe_svm_iter: int = option(1000, range=">=1")
+    # official: the share of each class's train clips held out to choose C (ours: the code chooses on test)
+    probe_val_fraction: float = option(0.2, range="[0,1)")
+    # official: augmented views per train clip (the code's train clips_per_video: ucf101/hmdb51 25,
+    # kinetics_sound 20, esc50 100) and views averaged per test clip (test clips_per_video: 3; kinetics_sound 2)
+    probe_train_views: int = option(25, range=">=1")
+    probe_test_clips: int = option(3, range=">=1")
+    # official: the train augmentation (XKD's configs/svm/*: vid_aug_kwargs, aud_aug_kwargs): crop area range,
+    # flip and grey-scale probabilities, colour jitter (brightness, contrast, saturation, hue), volume jitter;
+    # audio_power: the fbank's log(power^p) exponent (2 for power fbank), so a gain g is p ln g on the log-mel
+    probe_crop_scale: List[float] = option(factory=lambda: [0.08, 1.0], range="(0,1]")
+    probe_flip: float = option(0.5, range="[0,1]")
+    probe_color_jitter: List[float] = option(factory=lambda: [0.4, 0.4, 0.4, 0.2], range=">=0")
+    probe_gray: float = option(0.2, range="[0,1]")
+    probe_volume_jitter: float = option(0.1, range="[0,1)")
+    probe_audio_power: float = option(2.0, range=">0")
 
 
 @dataclass

@@ -14,7 +14,10 @@ the metrics of ``<method>/metrics.json``, and says how the report's table shows 
   frozen encoder on the labelled train/test data of every task (``eval.probe``).
 * ``probe``: XKD's linear protocol (its ``codes/eval/``): linear classifiers (scikit-learn, ``eval.linear_*``) on the
   frozen video features, audio features and both, trained on the train data of every task and tested on
-  their test data, after the last task (``eval.probe=every_task``: after every task too).
+  their test data, after the last task (``eval.probe=every_task``: after every task too). ``eval.probe_protocol``:
+  avcl's (standardised features, ``eval.linear_classifier``) or the official one (XKD's SVM protocol: augmented
+  train views, C chosen on validation, test views averaged; ``avcl.eval.probe.linear_probes``); metrics.json's
+  ``probe_protocol`` says which.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from avcl.core.errors import AvclError
 from avcl.core.samples import concat, select
 from avcl.eval.evaluator import accuracies_tag_taw, accuracy_per_task
 from avcl.eval.metrics import summarize
-from avcl.eval.probe import embed_all, linear_probe, linear_probes
+from avcl.eval.probe import OfficialProbe, embed_all, linear_probe, linear_probes
 from avcl.eval.retrieval import DIRECTIONS, retrieval_scores, summarize_retrieval
 
 
@@ -174,6 +177,10 @@ class Retrieval(Protocol):
 
     @staticmethod
     def check(cfg, scenario):
+        if cfg.eval.probe_protocol != "avcl" and cfg.eval.probe != "none":
+            raise AvclError("eval.probe_protocol=official is XKD's SVM protocol, for eval.protocol=probe and `avcl "
+                            "probe`; the retrieval protocol's probe is STELLA's trained head (eval.probe_*): "
+                            "set eval.probe_protocol=avcl (or eval.probe=none)")
         recall_at = [int(k) for k in cfg.eval.recall_at]  # their values: avcl.config.validate
         retrieval, _ = retrieval_set(scenario, cfg.eval.retrieval_per_class)
         size = len(retrieval["label"])
@@ -229,7 +236,7 @@ class Retrieval(Protocol):
     def metrics(self, record):
         return {"retrieval_matrices": record["retrieval"],
                 **summarize_retrieval(record["retrieval"], self.recall_at),
-                "probe_accuracy": record.get("probe_accuracy"),
+                "probe_accuracy": record.get("probe_accuracy"), "probe_protocol": self.cfg.eval.probe_protocol,
                 "probe_per_task": record["probe_per_task"] or None}
 
 
@@ -246,11 +253,13 @@ class Probe(Protocol):
         tasks, ev = self.scenario.tasks, self.cfg.eval
         train, test = (concat([getattr(t, split) for t in tasks]) for split in ("train", "test"))
         return linear_probes(model, train, test, ev.batch_size, self.device, self.autocast,
-                             ev.linear_classifier, ev.linear_c, self.cfg.seed)
+                             ev.linear_classifier, ev.linear_c, self.cfg.seed, ev.probe_protocol,
+                             OfficialProbe.from_eval(ev))
 
     @staticmethod
     def _summary(probes: dict) -> str:
-        return ", ".join(f"{key.removeprefix('probe_')} {100 * value:.1f}%" for key, value in probes.items())
+        return ", ".join(f"{key.removeprefix('probe_')} {100 * value:.1f}%" for key, value in probes.items()
+                         if key.endswith(("_accuracy", "_map")) and "_val_" not in key)
 
     def after_task(self, method, seen_tasks, record):
         if self.cfg.eval.probe != "every_task":
@@ -265,4 +274,6 @@ class Probe(Protocol):
             record["probes"] = self.probes(method.model)
 
     def metrics(self, record):
-        return {**(record["probes"] or {}), "probe_per_task": record["probe_per_task"] or None}
+        # the protocol is named even when no probe ran (eval.probe=none), so a table can say which it would be
+        return {"probe_protocol": self.cfg.eval.probe_protocol, **(record["probes"] or {}),
+                "probe_per_task": record["probe_per_task"] or None}

@@ -16,9 +16,13 @@ fbank: the *global* video view = ``vit.frames`` frames uniformly over a ``vit.vi
 (random start; centred in evaluation), a random resized crop of area ``xkd.global_crop_scale`` resized back
 to H x W, flip ``xkd.flip``; the *local* video views (``xkd.local_views_video``) = ``xkd.local_frames``
 consecutive frames at the global view's frame stride from a random start, a random crop of area
-``xkd.local_crop_scale`` resized to ``xkd.local_size``; audio: the fbank padded/cut to ``vit.audio_frames``,
-normalised with ``xkd.audio_mean/std``, gain U(1-j, 1+j) (``xkd.volume_jitter``); local audio views = a random
-window of ``xkd.local_audio_frames`` frames (gain ``xkd.local_volume_jitter``), independent of the video's.
+``xkd.local_crop_scale`` resized to ``xkd.local_size``; every video view then gets colour jitter, greyscale and
+Gaussian blur (``xkd.color_jitter/gray/blur``, ``xkd.local_*``; ``datasets/augmentations/video_augmentations.py``);
+audio: the fbank padded/cut to ``vit.audio_frames``, normalised with ``xkd.audio_mean/std``, volume jitter g ~
+U(1-j, 1+j) on the wave (``xkd.volume_jitter``: one log-mel offset ``audio_power`` ln g); local audio views = a
+random window of ``xkd.local_audio_frames`` frames (``xkd.local_volume_jitter``) then BYOL-A's random resize-crop
+(``xkd.local_audio_crop``; ``audio_augmentations.py``, ``spec_aug.py``), independent of the video's. All batched
+on tensors, one draw per clip, from the torch RNG.
 Tokenizers: tubelets ``xkd.tubelet_frames x vit.video_patch^2`` (linear embedding of the flattened
 tubelet), audio patches ``vit.audio_patch`` = [time, freq] on a time-major grid. Positional tables are
 sized for the global view and interpolated for other grids (trilinear video, bicubic audio).
@@ -47,13 +51,21 @@ the teachers), the mean of the patch tokens after the final LN per modality, L2-
 modalities share (distillation and MMD align it), which the retrieval protocol ranks in (ours: the paper
 evaluates no retrieval).
 
-Deviations from the code (also in docs/xkd.md): square crops only (aspect ratio 1), no colour jitter, grey,
-blur, or the local audio view's time/frequency resize-crop; volume jitter as a gain on the normalised fbank;
-positional embeddings and CLS tokens initialised N(0, 0.02) (trunc.), Linear layers N(0, 0.02) (as
-``init_vit_weights``), patch embeddings xavier-uniform; the decoder gets the CLS token and the visible
-tokens followed by the mask tokens with positions gathered (MAE unshuffles; identical outputs), and
-predicts the hidden patches only. With several processes the DINO centres are all-reduced over the ranks'
-rows (``parallel.mean_rows``), as the code's.
+As the code (``pritamqu/XKD``, ``codes/train/models/``): Linear layers of encoders and decoders xavier-uniform
+(``vit_video.py``/``vit_audio.py``/``mask_model.py`` ``_init_weights``; ``xkd.init=normal``: N(0, 0.02)), CLS and
+mask tokens N(0, 0.02), positional tables trunc. N(0, 0.02), LayerNorm eps 1e-5; decoders without qkv bias or a
+final LN (``mask_model.py``; ``xkd.decoder_norm``); one LayerNorm shared by the head's hidden layers
+(``modules/projector.py``; ``xkd.head_shared_norm``); local views' positional tables by DINO's shifted scale
+(n + 0.1) / N (``interpolate_pos_encoding``; ``xkd.pos_interp_offset``); visible tokens rounded (``mask.py``;
+``xkd.keep_rounding``); ``refine=softmax`` per head (``xkd.py`` ``cross_modal_attn``).
+
+Deviations from the code (also in docs/xkd.md): square crops only (aspect ratio 1); colour jitter's four
+operations in one random order per batch (torchvision: per call); the audio resize-crop reads the zero canvas
+around the crop's edge (one ``grid_sample``; the code resizes the cut crop); the volume offset ignores the
+spectrum's eps floor; the decoder embedding / prediction are Linear layers even where the code's are identities
+(equal widths); the decoder gets the CLS token and the visible tokens followed by the mask tokens with positions
+gathered (MAE unshuffles; identical outputs), and predicts the hidden patches only. With several processes the
+DINO centres are all-reduced over the ranks' rows (``parallel.mean_rows``), as the code's.
 """
 from __future__ import annotations
 
@@ -70,11 +82,13 @@ from avcl.core.errors import AvclError
 from avcl.core.options import option
 from avcl.core.samples import Samples
 from avcl.models.registry import ModelOptions, register_model
+from avcl.nn.augment import color_jitter, gaussian_blur, grayscale, random_resized_crop
 from avcl.nn.distill import REFINE_MODES, DINOHead, refine_weights, refined_pool
 from avcl.nn.ema import ema_update_pairs
 from avcl.nn.losses import dino_cross_entropy, gaussian_mmd, normalized_patch_mse, update_center
-from avcl.nn.vit import (LN_EPS, Block, ViTConfig, gather_tokens, init_vit_weights, patchify_2d, patchify_tubelets,
-                         random_masking, read_clip_geometry, resize_pos_embed, resolve_size, run_blocks, visible_count)
+from avcl.nn.vit import (KEEP_ROUNDING, LINEAR_INITS, LN_EPS, Block, ViTConfig, gather_tokens, init_vit_weights,
+                         patchify_2d, patchify_tubelets, random_masking, read_clip_geometry, resize_pos_embed,
+                         resolve_size, run_blocks, visible_count)
 
 
 MODALITIES = ("video", "audio")
@@ -94,7 +108,14 @@ class XKDConfig:
     mask_ratio_video: float = option(0.85, range="[0,1)")
     mask_ratio_audio: float = option(0.8, range="[0,1)")
     norm_pix_loss: bool = True
-    qkv_bias: bool = False
+    qkv_bias: bool = False  # encoder and decoder blocks (the code's ViT_Backbone: qkv_bias=False)
+    decoder_norm: bool = False  # a final LN before the decoder's prediction layer (the code has none; MAE has one)
+    # Linear layers of encoders and decoders: xavier (the code) | normal (N(0, 0.02))
+    init: str = option("xavier", choices=LINEAR_INITS)
+    head_shared_norm: bool = True  # the head's two hidden layers share one LayerNorm (the code's DINOHead) | two
+    # local views' positional tables: DINO's scale factor (n + offset) / N (the code); 0: interpolation by size
+    pos_interp_offset: float = option(0.1, range=">=0")
+    keep_rounding: str = option("round", choices=KEEP_ROUNDING)  # visible tokens: round (the code: 59 of 392) | floor
     global_crop_scale: List[float] = option(factory=lambda: [0.2, 1.0])  # area fraction, resized back
     local_frames: int = 8  # local video view: consecutive frames (at the global view's frame stride)
     local_size: int = 96  # local video view side, pixels
@@ -103,8 +124,25 @@ class XKDConfig:
     local_views_audio: int = 1
     local_audio_frames: int = 112  # local audio view: fbank frames (a random window)
     flip: float = option(0.5, range="[0,1]")  # horizontal flip probability of every video view
-    volume_jitter: float = 0.1  # audio gain U(1-j, 1+j) per clip on the normalised fbank: global view
+    volume_jitter: float = 0.1  # audio gain U(1-j, 1+j) per clip: global view
     local_volume_jitter: float = 0.2  # and local views
+    # waveform: the code's gain g on the wave = an offset audio_power * ln g / audio_std on the normalised log-mel
+    # | scale: every normalised value x g
+    volume_mode: str = option("waveform", choices=("waveform", "scale"))
+    audio_power: float = option(2.0, range=">0")  # the fbank's spectrum power (Kaldi and the code's librosa mel: |X|^2)
+    # brightness, contrast, saturation, hue (torchvision's ColorJitter): global view
+    color_jitter: List[float] = option(factory=lambda: [0.4, 0.4, 0.4, 0.2], range=">=0")
+    local_color_jitter: List[float] = option(factory=lambda: [0.4, 0.4, 0.4, 0.2], range=">=0")  # and local video views
+    gray: float = option(0.0, range="[0,1]")  # probability of a greyscale clip (RGB only): global view
+    local_gray: float = option(0.2, range="[0,1]")  # and local video views
+    blur: float = option(0.0, range="[0,1]")  # probability of a Gaussian blur: global view
+    local_blur: float = option(0.5, range="[0,1]")  # and local video views
+    blur_sigma: List[float] = option(factory=lambda: [0.1, 2.0], range=">0")  # sigma ~ U(low, high), pixels
+    blur_kernel_per: int = option(20, range=">=1")  # kernel side 2 * (view side // this) + 1 (the code's)
+    local_audio_crop: bool = True  # local audio views: BYOL-A's random resize-crop (the code's randcrop) ...
+    audio_virtual_crop: List[float] = option(factory=lambda: [1.0, 1.5], range=">=1")  # ... zero canvas [freq, time]
+    audio_freq_scale: List[float] = option(factory=lambda: [0.6, 1.5], range=">0")  # crop height U(.) x mel bins
+    audio_time_scale: List[float] = option(factory=lambda: [0.6, 1.5], range=">0")  # crop width U(.) x frames
     head_hidden: int = option(2048, range=">=1")  # DINO head: width -> hidden -> hidden -> bottleneck -> L2 -> head_dim
     head_bottleneck: int = option(256, range=">=1")
     head_dim: int = option(8192, range=">=1")
@@ -132,9 +170,11 @@ class Encoder(nn.Module):
     """One modality's ViT: tokenizer, CLS token, positional table (for ``grid``), the blocks (possibly
     shared with the other modality), final LN, and its DINO head."""
 
-    def __init__(self, patch_dim: int, grid: tuple[int, ...], width: int, blocks: nn.ModuleList, head: DINOHead):
+    def __init__(self, patch_dim: int, grid: tuple[int, ...], width: int, blocks: nn.ModuleList, head: DINOHead,
+                 pos_offset: float = 0.0, offset_axes: Optional[tuple[bool, ...]] = None):
         super().__init__()
         self.grid = tuple(grid)
+        self.pos_offset, self.offset_axes = pos_offset, offset_axes
         self.patch_embed = nn.Linear(patch_dim, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, width))
@@ -148,7 +188,7 @@ class Encoder(nn.Module):
         """Tokens (B, 1 + k, D) after the final LN (CLS first) of the patches at ``ids`` (None: all) of a
         view with token grid ``grid``; with ``cls_attention`` also the last block's CLS->patch attention
         (B, H, k) (the CLS column dropped)."""
-        pos = resize_pos_embed(self.pos_embed, self.grid, grid)
+        pos = resize_pos_embed(self.pos_embed, self.grid, grid, self.pos_offset, self.offset_axes)
         if ids is None:
             x = self.patch_embed(patches) + pos
         else:
@@ -167,16 +207,18 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """A modality's MAE decoder: embedding, mask token, positional table, blocks, LN, prediction."""
+    """A modality's MAE decoder: embedding, mask token, positional table, blocks, (``norm``: a final LN),
+    prediction (XKD's ``mask_model.py``: ``decoder`` blocks then ``out_proj``, no final LN)."""
 
-    def __init__(self, width: int, size, patch_dim: int, tokens: int):
+    def __init__(self, width: int, size, patch_dim: int, tokens: int, qkv_bias: bool = False, norm: bool = False):
         super().__init__()
         dd = size.decoder_width
         self.embed = nn.Linear(width, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens + 1, dd))  # CLS first
-        self.blocks = nn.ModuleList(Block(dd, size.decoder_heads, size.mlp_ratio) for _ in range(size.decoder_depth))
-        self.norm = nn.LayerNorm(dd, eps=LN_EPS)
+        self.blocks = nn.ModuleList(Block(dd, size.decoder_heads, size.mlp_ratio, qkv_bias=qkv_bias)
+                                    for _ in range(size.decoder_depth))
+        self.norm = nn.LayerNorm(dd, eps=LN_EPS) if norm else nn.Identity()
         self.pred = nn.Linear(dd, patch_dim)
 
     def forward(self, encoded: torch.Tensor, visible: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -187,27 +229,6 @@ class Decoder(nn.Module):
         ids = torch.cat([torch.zeros_like(visible[:, :1]), visible + 1, hidden + 1], dim=1)
         y = run_blocks(self.blocks, y + gather_tokens(self.pos_embed, ids))
         return self.pred(self.norm(y[:, n:]))
-
-
-def random_resized_crop(frames: torch.Tensor, out_hw: tuple[int, int], scale: tuple[float, float],
-                        flip: float) -> torch.Tensor:
-    """A random square crop per clip (the same for its frames) of area fraction U(scale), anywhere inside
-    the frame, resized bilinearly to ``out_hw``, flipped horizontally with probability ``flip``.
-    (B, T, C, H, W) -> (B, T, C, *out_hw); one batched ``F.grid_sample``."""
-    b, t, c, h, w = frames.shape
-    dev = frames.device
-    area = torch.empty(b, device=dev).uniform_(scale[0], scale[1])
-    side = area.sqrt()  # fraction of the frame side
-    shift = (1 - side)[:, None] * (torch.rand(b, 2, device=dev) * 2 - 1)
-    sign = torch.where(torch.rand(b, device=dev) < flip, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3, device=dev)
-    theta[:, 0, 0] = side * sign
-    theta[:, 1, 1] = side
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, [b, t * c, *out_hw], align_corners=False)
-    out = F.grid_sample(frames.reshape(b, t * c, h, w), grid, mode="bilinear", padding_mode="border",
-                        align_corners=False)
-    return out.view(b, t, c, *out_hw)
 
 
 @register_model("xkd")
@@ -236,23 +257,31 @@ class XKDModel(nn.Module):
         def stack():
             return nn.ModuleList(Block(d, size.heads, size.mlp_ratio, qkv_bias=xc.qkv_bias) for _ in range(depth))
 
+        def head():
+            return DINOHead(d, xc.head_hidden, xc.head_bottleneck, xc.head_dim, shared_norm=xc.head_shared_norm)
+
         shared = stack() if xc.share != "none" else None
+        # the code shifts every video axis and only the audio time axis (its frequency axis must not change)
+        offset_axes = {"video": None, "audio": (True, False)}
         self.student = nn.ModuleDict({
-            m: Encoder(patch_dim[m], self.grids[m]["global"], d, shared if shared is not None else stack(),
-                       DINOHead(d, xc.head_hidden, xc.head_bottleneck, xc.head_dim))
+            m: Encoder(patch_dim[m], self.grids[m]["global"], d, shared if shared is not None else stack(), head(),
+                       xc.pos_interp_offset, offset_axes[m])
             for m in MODALITIES})
-        self.decoder = nn.ModuleDict({m: Decoder(d, size, patch_dim[m], math.prod(self.grids[m]["global"]))
+        self.decoder = nn.ModuleDict({m: Decoder(d, size, patch_dim[m], math.prod(self.grids[m]["global"]),
+                                                 xc.qkv_bias, xc.decoder_norm)
                                       for m in MODALITIES})
-        init_vit_weights(self.student)
-        init_vit_weights(self.decoder)
+        # XKD's initialisation (vit_video.py / vit_audio.py / mask_model.py ``_init_weights``): Linear layers of
+        # encoders and decoders xavier-uniform, zero bias, LN (1, 0); CLS and mask tokens N(0, 0.02), positional
+        # tables trunc. N(0, 0.02); the heads keep DINO's own init (trunc. N(0, 0.02)), set by DINOHead
         for m in MODALITIES:
-            enc = self.student[m]
-            nn.init.xavier_uniform_(enc.patch_embed.weight)
-            for p in (enc.cls_token, enc.cls_pos, enc.pos_embed, self.decoder[m].mask_token, self.decoder[m].pos_embed):
+            enc, dec = self.student[m], self.decoder[m]
+            for module in (enc.patch_embed, enc.blocks, enc.norm, dec):
+                init_vit_weights(module, linear=xc.init)
+            nn.init.xavier_uniform_(enc.patch_embed.weight)  # the code's tokenizer init, under either init
+            for p in (enc.cls_token, dec.mask_token):
+                nn.init.normal_(p, std=0.02)
+            for p in (enc.cls_pos, enc.pos_embed, dec.pos_embed):
                 nn.init.trunc_normal_(p, std=0.02)
-            for layer in enc.head.mlp:  # DINO's head init (trunc. normal 0.02) survives init_vit_weights
-                if isinstance(layer, nn.Linear):
-                    nn.init.trunc_normal_(layer.weight, std=0.02)
         # teachers: EMA copies (deepcopy keeps a shared stack shared: MATS); MAS: one copy per modality
         if xc.share == "all":
             self.teacher = copy.deepcopy(self.student)
@@ -272,6 +301,12 @@ class XKDModel(nn.Module):
             if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
                 raise AvclError(f"bad config: 'model.xkd.{key}' must be [low, high] with 0 < low <= high <= 1, "
                                 f"got {lo_hi}")
+        for key, n in (("color_jitter", 4), ("local_color_jitter", 4), ("blur_sigma", 2), ("audio_virtual_crop", 2),
+                       ("audio_freq_scale", 2), ("audio_time_scale", 2)):
+            vals = list(getattr(xc, key))
+            if len(vals) != n or (n == 2 and key != "audio_virtual_crop" and vals[0] > vals[1]):
+                raise AvclError(f"bad config: 'model.xkd.{key}' must have {n} values"
+                                + (" [low, high]" if n == 2 else "") + f", got {vals}")
         if xc.teacher_view == "local" and min(xc.local_views_video, xc.local_views_audio) < 1:
             raise AvclError("model.xkd.teacher_view=local needs at least one local view per modality "
                             "(model.xkd.local_views_video/audio >= 1)")
@@ -315,7 +350,7 @@ class XKDModel(nn.Module):
         self.mask_ratio = {"video": xc.mask_ratio_video, "audio": xc.mask_ratio_audio}
         for m in MODALITIES:
             full = math.prod(self.grids[m]["global"])
-            keep = visible_count(full, self.mask_ratio[m])
+            keep = visible_count(full, self.mask_ratio[m], xc.keep_rounding)
             if not 1 <= keep < full:
                 raise AvclError(f"model.xkd.mask_ratio_{m}={self.mask_ratio[m]} leaves {keep} of {full} {m} tokens "
                                 "visible: need at least one visible and one hidden")
@@ -346,11 +381,57 @@ class XKDModel(nn.Module):
         audio = F.pad(audio, (0, 0, 0, ta - n)) if n < ta else audio[:, :ta]
         return (audio - self.xkd.audio_mean) / self.xkd.audio_std
 
-    @staticmethod
-    def _gain(x: torch.Tensor, jitter: float) -> torch.Tensor:
+    def _gain(self, x: torch.Tensor, jitter: float) -> torch.Tensor:
+        """Volume jitter per clip, g ~ U(1 - jitter, 1 + jitter). ``volume_mode=waveform`` (the code's ``VolJitter``
+        scales the wave before the log-mel): log(g^p mel) = log mel + p ln g, i.e. one offset p ln g / audio_std on
+        the normalised fbank (the spectrum's eps floor aside); ``scale``: every normalised value x g."""
         if jitter <= 0:
             return x
-        return x * (1 + (torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) * 2 - 1) * jitter)
+        g = 1 + (torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) * 2 - 1) * jitter
+        if self.xkd.volume_mode == "scale":
+            return x * g
+        return x + self.xkd.audio_power * g.log() / self.xkd.audio_std
+
+    def _audio_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """The code's local-view ``RandomResizeCrop`` (BYOL-A), batched: (B, T, F) normalised fbank placed at the
+        centre of a zero canvas of ``audio_virtual_crop`` x its [freq, time] size, a crop of U(audio_freq_scale) x F
+        bins by U(audio_time_scale) x T frames (integers, clipped to the canvas) at a random integer offset, resized
+        back bicubically (align_corners=True) by one ``grid_sample`` (it reads the canvas, zeros included, around
+        the crop's edge where the code's resize clamps to the crop)."""
+        xc = self.xkd
+        b, t, f = x.shape
+        dev = x.device
+        out = []
+        for size, virtual, scale in ((f, xc.audio_virtual_crop[0], xc.audio_freq_scale),
+                                     (t, xc.audio_virtual_crop[1], xc.audio_time_scale)):
+            canvas = int(size * virtual)
+            side = (torch.empty(b, device=dev).uniform_(*scale) * size).floor().clamp(1, canvas)
+            start = (torch.rand(b, device=dev) * (canvas - side + 1)).floor()
+            origin = (canvas - size) // 2  # the view's first row/column on the canvas
+            # output k of n -> view coordinate start - origin + k (side - 1) / (n - 1), normalised for align_corners
+            k = torch.arange(size, device=dev, dtype=torch.float32) / max(size - 1, 1)
+            coord = start[:, None] - origin + k[None] * (side[:, None] - 1)
+            out.append(coord * 2 / max(size - 1, 1) - 1)
+        freq, time = out
+        grid = torch.stack([freq[:, None, :].expand(b, t, f), time[:, :, None].expand(b, t, f)], dim=-1)
+        return F.grid_sample(x.unsqueeze(1), grid, mode="bicubic", padding_mode="zeros", align_corners=True)[:, 0]
+
+    def _photometric(self, frames: torch.Tensor, jitter, gray: float, blur: float) -> torch.Tensor:
+        """The code's ``ColorJitter(*jitter)``, ``RandomGray(gray)``, ``RandomGaussianBlur(p=blur)`` on (B, T, C, H, W)
+        frames on [0, 1], one draw per clip (the same for its frames), batched (see ``color_jitter``)."""
+        xc = self.xkd
+        frames = color_jitter(frames, jitter)
+        b, dev = frames.shape[0], frames.device
+        if gray > 0 and frames.shape[2] == 3:
+            pick = (torch.rand(b, device=dev) < gray).view(b, 1, 1, 1, 1)
+            frames = torch.where(pick, grayscale(frames).expand_as(frames), frames)
+        side = min(frames.shape[-2:])
+        kernel = 2 * (side // xc.blur_kernel_per) + 1
+        if blur > 0 and kernel > 1:
+            sigma = torch.empty(b, device=dev).uniform_(*xc.blur_sigma)
+            pick = (torch.rand(b, device=dev) < blur).view(b, 1, 1, 1, 1)
+            frames = torch.where(pick, gaussian_blur(frames, kernel, sigma), frames)
+        return frames
 
     def views(self, batch: Samples, train: bool = True) -> dict:
         """{"video": [global (B, T, C, H, W), local_1, ...], "audio": [global (B, 1, Ta, F), local_1, ...]},
@@ -370,21 +451,25 @@ class XKDModel(nn.Module):
             audio = self._audio(batch["audio"])
             if not train:
                 return {"video": [norm(glob)], "audio": [audio.unsqueeze(1)]}
-            out = {"video": [norm(random_resized_crop(glob, self.frame_size, tuple(xc.global_crop_scale), xc.flip))],
+            glob = random_resized_crop(glob, self.frame_size, tuple(xc.global_crop_scale), xc.flip)
+            out = {"video": [norm(self._photometric(glob, xc.color_jitter, xc.gray, xc.blur))],
                    "audio": [self._gain(audio, xc.volume_jitter).unsqueeze(1)]}
             span = (xc.local_frames - 1) * self.stride + 1
             steps = torch.arange(xc.local_frames, device=dev) * self.stride
             for _ in range(xc.local_views_video):
                 first = torch.randint(0, self.data_frames - span + 1, (b,), device=dev)
                 local = self._frames(video, first[:, None] + steps)
-                out["video"].append(norm(random_resized_crop(local, (xc.local_size, xc.local_size),
-                                                             tuple(xc.local_crop_scale), xc.flip)))
+                local = random_resized_crop(local, (xc.local_size, xc.local_size), tuple(xc.local_crop_scale), xc.flip)
+                out["video"].append(norm(self._photometric(local, xc.local_color_jitter, xc.local_gray, xc.local_blur)))
             la = xc.local_audio_frames
             for _ in range(xc.local_views_audio):
                 first = torch.randint(0, self.audio_frames - la + 1, (b, 1), device=dev)
                 index = first + torch.arange(la, device=dev)[None]
                 window = audio.gather(1, index[:, :, None].expand(-1, -1, self.mel_bins))
-                out["audio"].append(self._gain(window, xc.local_volume_jitter).unsqueeze(1))
+                window = self._gain(window, xc.local_volume_jitter)  # the code: gain on the wave, crop on the log-mel
+                if xc.local_audio_crop:
+                    window = self._audio_crop(window)
+                out["audio"].append(window.unsqueeze(1))
         return out
 
     def patchify(self, m: str, view: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -415,8 +500,8 @@ class XKDModel(nn.Module):
             out, attention[m] = self.teacher[m](patches, grid, cls_attention=True)
             tokens[m] = out[:, 1:]
         other = {"video": "audio", "audio": "video"}
-        return {m: self.teacher[m].head(refined_pool(tokens[m], refine_weights(attention[m], attention[other[m]],
-                                                                                 self.xkd.refine)))
+        return {m: self.teacher[m].head(refined_pool(
+                    tokens[m], refine_weights(attention[m], attention[other[m]], self.xkd.refine)))
                 for m in MODALITIES}
 
     def loss_terms(self, views: dict, progress: float = 1.0, kd: bool = True, da: bool = True) -> dict:
@@ -427,7 +512,8 @@ class XKDModel(nn.Module):
         for m in MODALITIES:
             patches, grid = self.patchify(m, views[m][0])
             b, length = patches.shape[:2]
-            visible, hidden = random_masking(b, length, visible_count(length, self.mask_ratio[m]), patches.device)
+            keep = visible_count(length, self.mask_ratio[m], self.xkd.keep_rounding)
+            visible, hidden = random_masking(b, length, keep, patches.device)
             encoded, _ = self.student[m](patches, grid, visible)
             out[f"mae_{m}"] = normalized_patch_mse(self.decoder[m](encoded, visible, hidden),
                                                    gather_tokens(patches, hidden), self.xkd.norm_pix_loss).mean()

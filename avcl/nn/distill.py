@@ -32,10 +32,12 @@ class DINOHead(nn.Module):
     hidden layers), L2-normalise, weight-normalised Linear bottleneck -> out_dim (gain fixed to 1), then a
     non-affine LayerNorm on the out_dim logits."""
 
-    def __init__(self, dim: int, hidden: int, bottleneck: int, out_dim: int):
+    def __init__(self, dim: int, hidden: int, bottleneck: int, out_dim: int, shared_norm: bool = True):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(),
-                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(),
+        norm = nn.LayerNorm(hidden)
+        # shared_norm: the code builds one LayerNorm and appends it after both hidden layers (one set of weights)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), norm, nn.GELU(),
+                                 nn.Linear(hidden, hidden), norm if shared_norm else nn.LayerNorm(hidden), nn.GELU(),
                                  nn.Linear(hidden, bottleneck))
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
@@ -56,16 +58,19 @@ def refine_weights(attn_self: torch.Tensor, attn_other: torch.Tensor, mode: str 
     ``attn_other`` (B, H, M): the other modality's. Per head, the code's cross-modal reweighting
     (the mean of the outer product of the two attention vectors, divided by this modality's mean
     attention) is ``attn_self[j] * mean_i attn_other[i] / mean_j attn_self[j]``; the weights are the head
-    average. ``mode="softmax"``: then a softmax over the patches; ``"none"``: all ones (plain mean pooling).
+    average. ``mode="softmax"`` (the code's ``align_feats`` softmax branch): per head a softmax over the patches of
+    ``attn_self[j] * mean_i attn_other[i]`` (no division by this modality's mean), then the head average;
+    ``"none"``: all ones (plain mean pooling).
     """
     if mode not in REFINE_MODES:
         raise ValueError(f"refine mode must be one of {REFINE_MODES}, got {mode!r}")
     if mode == "none":
         return torch.ones(attn_self.shape[0], attn_self.shape[2], device=attn_self.device)
     a, o = attn_self.float(), attn_other.float()
+    if mode == "softmax":
+        return (a * o.mean(dim=2, keepdim=True)).softmax(dim=2).mean(dim=1)
     scaled = a * (o.mean(dim=2, keepdim=True) / a.mean(dim=2, keepdim=True).clamp_min(1e-12))
-    weights = scaled.mean(dim=1)  # (B, N)
-    return weights.softmax(dim=1) if mode == "softmax" else weights
+    return scaled.mean(dim=1)  # (B, N)
 
 
 def refined_pool(tokens: torch.Tensor, weights: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -31,7 +31,7 @@ from avcl.core.errors import AvclError
 from avcl.core.options import option
 
 
-LN_EPS = 1e-6  # MAE's LayerNorm epsilon
+LN_EPS = 1e-5  # torch's default, as both official codes (XKD's vit2.py, STELLA's cav.py: nn.LayerNorm)
 
 
 # ----- sizes -----------------------------------------------------------------------------------
@@ -175,11 +175,20 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, mode: Optional[str] = Non
     return x
 
 
-def init_vit_weights(module: nn.Module, std: float = 0.02) -> None:
-    """FLAVA's initialisation: every Linear ~ N(0, std) with zero bias, LayerNorms to (1, 0)."""
+LINEAR_INITS = ("normal", "xavier")
+
+
+def init_vit_weights(module: nn.Module, std: float = 0.02, linear: str = "normal") -> None:
+    """Every Linear ~ N(0, std) (``linear="normal"``: FLAVA's) or xavier-uniform (``"xavier"``: MAE's and XKD's
+    ``_init_weights``, "following official JAX ViT") with zero bias, LayerNorms to (1, 0)."""
+    if linear not in LINEAR_INITS:
+        raise ValueError(f"linear init must be one of {LINEAR_INITS}, got {linear!r}")
     for layer in module.modules():
         if isinstance(layer, nn.Linear):
-            nn.init.normal_(layer.weight, std=std)
+            if linear == "xavier":
+                nn.init.xavier_uniform_(layer.weight)
+            else:
+                nn.init.normal_(layer.weight, std=std)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
         elif isinstance(layer, nn.LayerNorm) and layer.weight is not None:  # (non-affine LNs have none)
@@ -245,23 +254,48 @@ def patchify_tubelets(video: torch.Tensor, tubelet: tuple[int, int, int]) -> tor
     return x.reshape(b, (t // pt) * (height // ph) * (width // pw), pt * ph * pw * c)
 
 
-def resize_pos_embed(table: torch.Tensor, grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:
+def resize_pos_embed(table: torch.Tensor, grid: Sequence[int], new_grid: Sequence[int],
+                     offset: float = 0.0, offset_axes: Optional[Sequence[bool]] = None) -> torch.Tensor:
     """A positional table (1, prod(grid), D) for a token grid, interpolated to ``new_grid``: trilinear for
     3-D grids (video tubelets), bicubic for 2-D grids (audio patches), as XKD's official code. Returned as is
-    when the grids are equal; differentiable."""
+    when the grids are equal; differentiable.
+
+    ``offset=0``: interpolation by output size. ``offset>0``: DINO's shifted scale factor, as XKD's
+    ``interpolate_pos_encoding`` (``vit_video.py``, ``vit_audio.py``): axis i is resized by the scale factor
+    (n_i + offset) / N_i where ``offset_axes[i]`` (default: every axis) and n_i / N_i elsewhere; the output keeps
+    n_i entries (floor), but the sampling positions follow the shifted scale."""
     grid, new_grid = tuple(grid), tuple(new_grid)
     if grid == new_grid:
         return table
     d = table.shape[-1]
     x = table.reshape(1, *grid, d).movedim(-1, 1)  # (1, D, *grid)
     mode = {2: "bicubic", 3: "trilinear"}[len(grid)]
-    x = F.interpolate(x.float(), size=new_grid, mode=mode, align_corners=False).to(table.dtype)
+    if offset > 0:
+        axes = [True] * len(grid) if offset_axes is None else list(offset_axes)
+        scale = tuple((n + offset) / big if shift else n / big for n, big, shift in zip(new_grid, grid, axes))
+        x = F.interpolate(x.float(), scale_factor=scale, mode=mode, align_corners=False)
+        if tuple(x.shape[2:]) != new_grid:  # n / N can floor to n - 1 on an unshifted axis
+            raise AvclError(f"positional interpolation {grid} -> {new_grid} with offset {offset} gave "
+                            f"{tuple(x.shape[2:])}")
+        x = x.to(table.dtype)
+    else:
+        x = F.interpolate(x.float(), size=new_grid, mode=mode, align_corners=False).to(table.dtype)
     return x.movedim(1, -1).reshape(1, -1, d)
 
 
 # ----- masking and gathering -------------------------------------------------------------------
-def visible_count(length: int, mask_ratio: float) -> int:
-    """floor((1 - mask_ratio) * length), robust to float round-off (0.2 * 50 is 10, not 9)."""
+KEEP_ROUNDING = ("floor", "round")
+
+
+def visible_count(length: int, mask_ratio: float, rounding: str = "floor") -> int:
+    """The visible tokens of ``length`` at ``mask_ratio``. ``rounding="floor"`` (CAV/STELLA): floor((1 - mask_ratio)
+    * length) with a 1e-6 guard against float round-off (50 at 0.8 is 10, where MAE's and STELLA's
+    ``int(L * (1 - mask_ratio))`` give 9 as 1 - 0.8 is 0.1999...); ``"round"``: Python's ``round`` of it, as XKD's
+    ``mask.py`` (59 of 392 at 0.85, where floor gives 58)."""
+    if rounding not in KEEP_ROUNDING:
+        raise ValueError(f"rounding must be one of {KEEP_ROUNDING}, got {rounding!r}")
+    if rounding == "round":
+        return int(round(length * (1.0 - mask_ratio)))
     return int(math.floor((1.0 - mask_ratio) * length + 1e-6))
 
 

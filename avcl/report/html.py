@@ -124,7 +124,7 @@ def _per_task_tables(name: str, metrics: dict, protocol: str, dataset: dict) -> 
                     for t in range(rows_count)]
             parts.append(f"<p>{_e(title)}: {_e(' / '.join(keys))} (%) per task</p>" + html_table([""] + columns, rows))
         probe = metrics.get("probe_per_task")
-        if probe:
+        if probe and all(isinstance(p, (int, float)) for p in probe):  # (the probe protocol's are dicts per probe)
             parts.append(html_table(["linear probe after task"] + [str(t + 1) for t in range(len(probe))],
                                     [["accuracy %"] + [_percent(p) for p in probe]]))
         elif metrics.get("probe_accuracy") is not None:

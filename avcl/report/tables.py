@@ -147,8 +147,9 @@ def report(run_dir: Path) -> str:
                      ev.get("retrieval_per_class", 5), "/".join(str(k) for k in ev.get("recall_at", [1, 5, 10])))
     elif protocol == "probe":
         text += ("\nprobe: linear classifiers ({}) on the frozen video, audio and audio+video features of the final "
-                 "encoders, trained on the train clips of all tasks, top-1 on their test clips.").format(
-                     ev.get("linear_classifier", "logistic"))
+                 "encoders, trained on the train clips of all tasks, top-1 on their test clips; probe protocol "
+                 "{} (eval.probe_protocol).").format(ev.get("linear_classifier", "logistic"),
+                                                     ev.get("probe_protocol", "avcl"))
     elif cfg:
         variant = ev.get("forgetting", "standard")
         text += (f"\nforgetting: {variant} variant; accuracies on the test data of all classes seen, no task id; "
