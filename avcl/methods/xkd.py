@@ -23,8 +23,11 @@ The schedule's length is the stream's planned step count: at each task's start `
 tasks x this task's steps`` (exact for the equal tasks of a class-incremental split and for one task).
 The teacher temperatures warm up over ``model.xkd.teacher_temp_warmup`` of it.
 
-Deviations (docs/xkd.md): the optimizer is the run's (``train.*``: Adam or SGD, no per-parameter clipping,
-no weight-decay exclusion of biases and norms, no lr warm-up/cosine: the trainer has no schedules);
+The optimizer step is the run's (``train.*``, avcl.engine.regime); the XKD recipes set it to the code's
+(``main_xkd.py``: AdamW (0.9, 0.95), weight decay 0.3 except biases and 1-D tensors, warm-up + cosine, each
+parameter's gradient clipped at 0.3, fp16 with a GradScaler on GPUs).
+
+Deviations (docs/xkd.md): the lr warm-up ramps ``k / n`` (the code's ``linspace(0, lr, n)``: one step sooner);
 ablation rows normalise by the sum of their non-zero weights (the code's ablation normalisation is not
 released); the reservoir keeps raw clips (re-augmented at replay; other label-free methods keep prepared
 inputs) because XKD's views are drawn from the clip.
