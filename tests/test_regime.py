@@ -278,3 +278,17 @@ def test_pre_training_methods_drop_the_partial_last_batch_by_default_classifiers
     assert drops_last(cfg, label_free) and not drops_last(cfg, classifier)
     assert not drops_last(train_cfg("train.drop_last=false"), label_free)
     assert drops_last(train_cfg("train.drop_last=true"), classifier)
+
+
+def test_clipping_applies_only_to_the_named_parameters():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    method = ToyMethod(nn.Module())
+    method.named_parameters = lambda: [("student.w", a), ("decoder.w", b)]
+    regime = Regime.build(method, train_cfg("train.optimizer=sgd", "train.momentum=0", "train.lr=1.0",
+                                            "train.clip_grad_per_param=1.0", "train.clip_grad_params=[student.*]"),
+                          torch.device("cpu"))
+    regime.start_task(1, 1, 0, 1)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+    regime.step(False)
+    assert torch.allclose(-a.detach(), torch.tensor([0.6, 0.8]), atol=1e-5)  # clipped to norm 1
+    assert torch.equal(-b.detach(), torch.tensor([12.0]))  # the decoder's: untouched

@@ -43,6 +43,8 @@ class TrainConfig:
     schedule_scope: str = option("task", choices=("task", "stream"))  # the curve spans each task | the whole stream
     clip_grad_norm: Optional[float] = option(None, range=">0")  # clip the global gradient norm to this; None: never
     clip_grad_per_param: Optional[float] = option(None, range=">0")  # clip each parameter's gradient norm (XKD's)
+    # the parameters clipping applies to: fnmatch patterns of their names (XKD's code: ["student.*"]); []: all
+    clip_grad_params: List[str] = field(default_factory=list)
     accumulate: int = option(1, range=">=1")  # micro-batches of batch_size per optimizer step
     # drop an epoch's partial last batch (kept when the epoch has no full batch); None: drop for pre-training
     # (label-free) methods, as their official loaders do, keep for classifiers

@@ -92,10 +92,10 @@ def check_regime(train: DictConfig) -> None:
         if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor) \
                 or factor <= 0:
             raise AvclError(f"bad config: 'train.lr_multipliers.{pattern}' must be a number > 0, got {factor}")
-    for kind in ("no_decay",):
+    for kind in ("no_decay", "clip_grad_params"):
         if any(not isinstance(p, str) or not p for p in train[kind]):
-            raise AvclError(f"bad config: 'train.{kind}' must be a list of name patterns (or '1d'), got "
-                            f"{list(train[kind])}")
+            raise AvclError(f"bad config: 'train.{kind}' must be a list of parameter-name patterns"
+                            f"{' (or 1d)' if kind == 'no_decay' else ''}, got {list(train[kind])}")
 
 
 def method_hparams_for(cfg: DictConfig, name: str):

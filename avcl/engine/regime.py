@@ -29,6 +29,9 @@ Accumulation (``train.accumulate`` = N): one optimizer step per N micro-batches 
 micro-batch's loss is weighted by its share of the step's rows, so that a loss that is a mean over rows gives the
 gradient of one batch N times larger. Several processes average gradients once per optimizer step.
 
+Clipping (``train.clip_grad_norm``, ``train.clip_grad_per_param``) applies to the parameters ``train.clip_grad_params``
+names (fnmatch patterns; none: all), after the gradients are averaged and unscaled.
+
 Precision (``train.precision``): ``fp16`` autocast with a GradScaler (gradients unscaled before clipping; a step
 with non-finite gradients is skipped and counted), ``bf16`` autocast (no scaler), ``fp32``; unset: bf16 on CUDA,
 fp32 elsewhere. The scheduler and scaler states are in every checkpoint (``Regime.state_dict``).
@@ -145,7 +148,7 @@ class Regime:
     scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
     skipped: int = 0  # fp16 steps skipped by the scaler (non-finite gradients), since the last ``pop_skipped``
     last_lr: float = 0.0  # the base group's lr of the last step taken
-    params: list = field(default_factory=list)
+    params: list = field(default_factory=list)  # what clipping applies to (``train.clip_grad_params``)
 
     @classmethod
     def build(cls, method, train_cfg, device: torch.device) -> "Regime":
@@ -155,7 +158,10 @@ class Regime:
             raise AvclError(f"method '{method.name}' has no trainable parameter")
         optimizer = make_optimizer(groups, train_cfg, lr)
         scaler = torch.amp.GradScaler(device.type) if precision_of(train_cfg, device) == "fp16" else None
-        return cls(optimizer, train_cfg, lr, scaler, params=[p for g in groups for p in g["params"]])
+        clipped = [p for g in groups for name, p in zip(g.get("names", [None] * len(g["params"])), g["params"])
+                   if not train_cfg.clip_grad_params or
+                   any(fnmatch.fnmatchcase(name or "", pattern) for pattern in train_cfg.clip_grad_params)]
+        return cls(optimizer, train_cfg, lr, scaler, params=clipped)
 
     def start_task(self, steps: int, epochs: int, task: int, tasks: int) -> None:
         """A fresh schedule for a task of ``epochs`` x ``steps`` optimizer steps, the ``task``-th of ``tasks``."""
