@@ -31,7 +31,9 @@ def test_recall_and_median_rank_per_group():
     # a2v ranks: [0, 2, 1, 0] -> group 0: R@1 1/2, R@2 1/2; group 1: R@1 1/2, R@2 1
     assert scores["a2v"]["R@1"] == [0.5, 0.5]
     assert scores["a2v"]["R@2"] == [0.5, 1.0]
-    assert scores["a2v"]["median_rank"] == [1.0, 1.0]  # 1-based; torch's median takes the lower middle
+    # 1-based ranks [1, 3] and [2, 1]: the median of an even count is the mean of the two middle ones (the code's
+    # np.median; torch.median's lower middle would give [1, 1])
+    assert scores["a2v"]["median_rank"] == [2.0, 1.5]
     # v2a ranks (columns): video 0 -> 0, video 1 -> 1 (0.9 beats 0.5), video 2 -> 1, video 3 -> 0
     assert scores["v2a"]["R@1"] == [0.5, 0.5]
 

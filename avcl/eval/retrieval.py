@@ -27,7 +27,12 @@ DIRECTIONS = ("a2v", "v2a")
 
 
 def ranks(similarity: torch.Tensor) -> torch.Tensor:
-    """(N,) 0-based rank of the right answer (the diagonal) in each row; ties count against the query."""
+    """(N,) 0-based rank of the right answer (the diagonal) in each row; ties count against the query.
+
+    Exactly tied similarities: the right answer is ranked after every wrong answer tied with it (one rank per
+    query, the pessimistic one). STELLA's ``compute_metrics`` (``train_algo/retrieval.py``) instead takes every
+    position of the sorted row equal to the right answer's similarity as a hit, so a query with ties counts
+    several times (and at its best position) in R@k and the median: ours, kept (only exact float ties differ)."""
     right = similarity.diagonal()[:, None]
     return (similarity > right).sum(dim=1) + ((similarity == right).sum(dim=1) - 1)
 
@@ -48,7 +53,9 @@ def retrieval_scores(similarity: torch.Tensor, query_groups: list[torch.Tensor],
             r = rank[group]
             for k in recall_at:
                 scores[f"R@{k}"].append(float((r < k).float().mean()) if len(r) else float("nan"))
-            scores["median_rank"].append(float(r.float().median() + 1) if len(r) else float("nan"))
+            # the usual median (the mean of the two middle ranks for an even count), as the code's np.median;
+            # torch.median would take the lower one
+            scores["median_rank"].append(float(r.float().quantile(0.5) + 1) if len(r) else float("nan"))
         out[direction] = scores
     return out
 

@@ -46,8 +46,9 @@ Generalisations and deviations from the FLAVA/STELLA code (``models/cav.py``, ``
   (target) tokens only (the only ones the loss reads).
 * Visible count: floor((1 - mask_ratio) * L) with a tolerance against float round-off (the code's
   ``int(L * (1 - r))`` gives 9 for 0.2 * 50); with ``selected`` it is clamped to K - 1.
-* InfoNCE negatives are the rows of the batch (the code gathers negatives across GPUs).
-* LayerNorm epsilon 1e-6 (MAE's) in the backbone; the code uses PyTorch's 1e-5 (the AVM keeps 1e-5).
+* InfoNCE negatives: the rows of the batch; under several processes every rank's rows, gathered with their
+  gradient (avcl.parallel.all_rows), where the code's ``concat_all_gather`` carries none (only local rows do).
+* LayerNorm epsilon 1e-5 (PyTorch's default), as the code, in the backbone and the AVM.
 * No dropout / drop-path (the code's defaults are 0). ``model.modalities`` is not used: both audio
   and video are required. The per-term outputs are unweighted; ``loss`` carries the weights.
 """
