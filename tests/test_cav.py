@@ -322,6 +322,32 @@ def test_avm_loss_trains_only_the_avm():
     assert att["q_v"].shape == att["k_v"].shape == (6, 2, 16, 16)
 
 
+def test_avm_negatives_are_paired_before_the_fusion_pass():
+    # STELLA's learn_multimodal_relationship pairs the unimodal codes first, then fuses each pair: reference
+    # = every pair alone through the fusion layers, then the matching head
+    model, batch = make()
+    with torch.no_grad():  # at init the logits are ~0 and the joint attention nearly uniform: scaled up, the
+        for p in model.avm.parameters():  # pairing shows in the loss (~0.5 % here; 3e-5 unscaled)
+            p.mul_(30)
+        for p in model.fusion_blocks.parameters():
+            p.mul_(3)
+    x = model.prepare(batch, train=False)
+    torch.manual_seed(5)
+    labels, index = matching_pairs(6)
+    assert (index != torch.arange(6)).any()
+    with torch.no_grad():
+        h = model.encode_unimodal(x)
+        logits = []
+        for i in range(6):
+            f = model.fuse({"audio": h["audio"][i:i + 1], "video": h["video"][index[i]:index[i] + 1]})
+            logits.append(model.avm.match_logit(f["audio"], f["video"]))
+        expected = float(F.binary_cross_entropy_with_logits(torch.cat(logits), labels))
+        fused = model.fuse(h)
+    for inputs in ({"x": x}, {"unimodal": h, "fused": fused}):  # the scoring pass's reuse gives the same
+        torch.manual_seed(5)
+        assert float(model.avm_loss(**inputs).detach()) == pytest.approx(expected, rel=1e-5)
+
+
 def test_matching_pairs_are_a_half_derangement():
     for b in (3, 7, 32):
         labels, index = matching_pairs(b)

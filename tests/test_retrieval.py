@@ -21,6 +21,21 @@ def test_ties_count_against_the_query():
     assert ranks(sim).tolist() == [2, 2, 2]
 
 
+def test_two_identical_video_embeddings_rank_the_right_one_second():
+    # clips 0 and 1 have the same embeddings: each one's query ties its own video with the other's. avcl: one
+    # rank per query, the right answer after the tied wrong one -> ranks [1, 1, 0], R@1 1/3, median rank 2.
+    # (STELLA's compute_metrics would count both tied positions of rows 0 and 1: hits [0, 1, 0, 1, 0], R@1 3/5,
+    # median rank 1.)
+    audio = video = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=1)
+    sim = audio @ video.T
+    assert ranks(sim).tolist() == [1, 1, 0]
+    scores = retrieval_scores(sim, [torch.ones(3, dtype=torch.bool)], [1, 2])
+    for direction in ("a2v", "v2a"):
+        assert scores[direction]["R@1"] == [pytest.approx(1 / 3)]
+        assert scores[direction]["R@2"] == [1.0]
+        assert scores[direction]["median_rank"] == [2.0]
+
+
 def test_recall_and_median_rank_per_group():
     sim = torch.tensor([[0.9, 0.1, 0.2, 0.0],
                         [0.8, 0.5, 0.7, 0.0],

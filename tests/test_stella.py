@@ -156,6 +156,22 @@ def test_audio_selection_trims_either_side_without_taken_neighbours():
     assert 0.4 < (starts == 12 * F).float().mean() < 0.6
 
 
+def test_audio_selection_trims_a_random_side_when_both_neighbours_are_taken():
+    # chunks 3 and 5 come first, chunk 4 (between them) overflows: the code's random.randint(0, 1) branch,
+    # a fair coin; the ratios (1 : 1e-15 : 1e-30) make any other chunk order a ~1e-15 event
+    rows = 2000
+    importance = torch.full((rows, T, F), 1e-30)
+    importance[:, 12:16] = importance[:, 20:24] = 1.0
+    importance[:, 16:20] = 1e-15
+    ids = contiguous_audio_selection(normalised(importance.view(rows, T * F)), None, T, F, CHUNK, 38, gen(12))
+    whole = list(range(48, 64)) + list(range(80, 96))
+    kept_start = torch.tensor(sorted(whole + list(range(64, 70))))  # trimmed at its end: its first 6 tokens
+    kept_end = torch.tensor(sorted(whole + list(range(74, 80))))  # trimmed at its start: its last 6 tokens
+    is_start, is_end = (ids == kept_start).all(1), (ids == kept_end).all(1)
+    assert (is_start | is_end).all()
+    assert 0.45 < is_end.float().mean() < 0.55  # binomial sd ~0.011 at 2000 rows
+
+
 def test_audio_selection_skips_pruned_tokens_and_stays_contiguous_otherwise():
     g = gen(11)
     rows, budget = 300, 20

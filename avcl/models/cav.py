@@ -372,18 +372,30 @@ class CAVModel(nn.Module):
         return self.embed(batch)
 
     # ----- AVM (STELLA) --------------------------------------------------------------------------
-    def avm_loss(self, x: Optional[dict[str, torch.Tensor]] = None,
+    def avm_loss(self, x: Optional[dict[str, torch.Tensor]] = None, unimodal: Optional[dict[str, torch.Tensor]] = None,
                  fused: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        """The AVM matching BCE on prepared input ``x`` (STELLA's ``models/avm_module.py``): the backbone under no_grad on the
-        unmasked tokens (modality encoders, then the joint fusion pass); half the pairs positive, the
-        other half with their videos deranged among themselves. Weight 1; gradients reach ``avm`` only.
-        ``fused``: that pass's output (``fuse(encode_unimodal(x))``) when the caller has it already."""
+        """The AVM matching BCE on prepared input ``x`` (STELLA's ``learn_multimodal_relationship``,
+        ``models/cl_methods/stella.py``; head in ``models/avm_module.py``): the backbone under no_grad on the
+        unmasked tokens. Half the pairs are positive, the other half get the video codes of another negative row
+        (deranged among themselves); the codes are paired *before* the joint fusion pass, as the code, so each
+        negative pair is fused together (its audio tokens attend to the other clip's video and vice versa).
+        Weight 1; gradients reach ``avm`` only.
+
+        ``unimodal``: ``encode_unimodal(x)`` when the caller has it already. ``fused``: ``fuse(unimodal)`` of the
+        true pairs, likewise: its rows serve the positive pairs (the same pair fused, so the same values) and
+        only the negative pairs go through a fusion pass of their own."""
         if self.avm is None:
             raise AvclError("avm_loss needs the AVM module: set model.cav.avm=true")
-        f = fused
-        if f is None:
-            with torch.no_grad():
-                f = self.fuse(self.encode_unimodal(x))
-        labels, video_index = matching_pairs(f["audio"].shape[0], f["audio"].device)
-        logits = self.avm.match_logit(f["audio"], f["video"][video_index])
+        with torch.no_grad():
+            h = self.encode_unimodal(x) if unimodal is None else unimodal
+            labels, video_index = matching_pairs(h["audio"].shape[0], h["audio"].device)
+            if fused is None:
+                f = self.fuse({"audio": h["audio"], "video": h["video"][video_index]})
+            elif bool(labels.all()):  # no negatives (B <= 2)
+                f = fused
+            else:
+                negatives = (labels == 0).nonzero().flatten()
+                own = self.fuse({"audio": h["audio"][negatives], "video": h["video"][video_index[negatives]]})
+                f = {m: fused[m].index_copy(0, negatives, own[m].to(fused[m].dtype)) for m in MODALITIES}
+        logits = self.avm.match_logit(f["audio"], f["video"])
         return F.binary_cross_entropy_with_logits(logits.float(), labels)

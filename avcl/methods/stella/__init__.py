@@ -17,8 +17,10 @@ an online-trained AVM cross-attention module providing the attention. One step
    candidate sets = top ``K = floor((1 - core_ratio) L)`` tokens (392 of 784 video, 256 of 512 audio
    tokens at ViT-B size), pooled queries ``q_a, q_v`` per head (ibid.). K is also the selection budget.
 3. L_avm: the AVM matching BCE on half-deranged pairs, gradients into the AVM only (the code's
-   ``models/avm_module.py``). It is
-   ``model.avm_loss(fused=...)`` on step 1's fusion outputs instead of a second unimodal + fusion pass.
+   ``learn_multimodal_relationship`` and ``models/avm_module.py``). As the code, the unimodal codes are
+   paired before the joint fusion pass, so each negative pair is fused together; it is
+   ``model.avm_loss(unimodal=..., fused=...)`` on step 1's outputs: no second unimodal pass, the positive pairs
+   reuse step 1's fusion outputs (the same pairs) and only the negative pairs get a fusion pass of their own.
 4. Buffer non-empty: draw ``B_r = train.replay_batch_size`` rows; current row n is aligned with
    replayed row ``n mod B_r``; correlation ``c`` of the current candidates against that row's stored
    pooled queries (the code's ``stella.py``); pruning ~ Bernoulli(c) for current rows and
@@ -59,9 +61,9 @@ Deviations from the official code:
 - The reservoir is one per rank with memory.size / W slots, as the code's (``avcl.memory.sharding``), but it
   lives on the device of the data, dtype float32 (the code: float32 arrays on the CPU).
 - The correlation and importance scores are computed in float32 even under bf16 autocast.
-- The AVM matching loss reuses the scoring pass's fusion outputs (step 3, ``model.avm_loss(fused=...)``);
-  the code runs a second fusion pass for the matching, which gives the same values here because
-  the deranged videos are paired after the joint fusion pass.
+- The AVM matching loss reuses the scoring pass's unimodal codes and, for its positive pairs only, its fusion
+  outputs (step 3); the code runs a second fusion pass over the whole batch. Same values: a positive pair is
+  the scoring pass's own pair, and the negatives (paired before fusion, as the code) are fused anew.
 - STELLA+ follows what can be read in ``stella_p.py`` (selected patches + ids stored, reused as is);
   it cannot run as released, so its other details
   (if any) are unknown.
@@ -150,7 +152,7 @@ class Stella(Method):
             i_a, i_v = patch_importance(att["q_a"], att["k_a"], att["q_v"], att["k_v"], hp.attention_temperature)
             q_a = pooled_queries(att["q_a"], i_a, self.budget["audio"])
             q_v = pooled_queries(att["q_v"], i_v, self.budget["video"])
-        avm_loss = model.avm_loss(fused=f)
+        avm_loss = model.avm_loss(unimodal=h, fused=f)
         return {"i_audio": i_a, "i_video": i_v, "q_audio": q_a, "q_video": q_v,
                 "k_audio": att["k_a"], "k_video": att["k_v"], "avm_loss": avm_loss}
 

@@ -143,9 +143,10 @@ def contiguous_audio_selection(importance: torch.Tensor, pruned: Optional[torch.
     not divide ``time_steps``: its score is the mean over its own steps). An order of the chunks is
     drawn without replacement, proportional to the chunk scores (Gumbel-top-k). Walking that order,
     whole chunks are taken (their unpruned tokens) while the running count stays within ``budget``;
-    the chunk that overflows contributes only the missing count and is trimmed at its end if its left
-    neighbour chunk was taken, else at its start if its right neighbour was taken, else on a random
-    side (fair coin), so the kept part touches a taken neighbour; later chunks are dropped.
+    the chunk that overflows contributes only the missing count and is trimmed at its end if only its
+    left neighbour chunk was taken, at its start if only its right neighbour was taken, and on a random
+    side (a fair coin per row from ``generator``) when both or neither were taken, as the code's
+    ``random.randint(0, 1)`` branch; so the kept part touches a taken neighbour; later chunks are dropped.
 
     Trimming follows the time-major token order inside the chunk: "trimmed at its end" keeps the first
     unpruned tokens in order (t ascending, f ascending), "at its start" keeps the last ones. So whole
@@ -202,8 +203,8 @@ def contiguous_audio_selection(importance: torch.Tensor, pruned: Optional[torch.
     left_taken = padded.gather(1, overflow_chunk[:, None])[:, 0]  # chunk - 1 (shifted by the pad)
     right_taken = padded.gather(1, overflow_chunk[:, None] + 2)[:, 0]  # chunk + 1
     coin = _uniform((batch,), device, generator) < 0.5
-    trim_start = ~left_taken & (right_taken | coin)  # keep the chunk's end
-    trim_start &= has_overflow
+    # keep the end next to a lone taken right neighbour; both or neither taken: the code's coin
+    trim_start = torch.where(left_taken ^ right_taken, right_taken, coin) & has_overflow
 
     # one sort: (pruned, chunk rank, position inside the chunk; reversed in a start-trimmed chunk)
     reverse = trim_start[:, None] & (chunk_of_token[None, :] == overflow_chunk[:, None])
