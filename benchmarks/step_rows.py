@@ -25,6 +25,25 @@ def measure_rows(script: str, rows, argv: list[str]) -> dict[str, dict]:
     return results
 
 
+def regime_step(method, regime, pool: dict, i: int, batch: int, autocast) -> None:
+    """Optimizer step ``i`` as the trainer takes it: ``train.accumulate`` micro-batches of ``batch`` clips cycled
+    from ``pool`` (each loss weighted 1 / accumulate), then the regime's step (unscale, clip, step, lr)."""
+    import torch  # (slow to import: only the measuring processes need it)
+
+    accumulate = regime.train_cfg.accumulate
+    size = len(next(iter(pool.values())))
+    device = next(iter(pool.values())).device
+    for j in range(accumulate):
+        start = (i * accumulate + j) * batch
+        pick = torch.arange(start, start + batch, device=device) % size
+        with autocast():
+            loss = method.training_loss({k: v[pick] for k, v in pool.items()})
+        if j == 0:
+            regime.optimizer.zero_grad(set_to_none=True)
+        regime.backward(loss / accumulate)
+    regime.step(False)
+
+
 def print_figures(results: dict[str, dict], device: str, head: list[str]) -> None:
     """The last line: ``head`` (the ratios and settings), then every row's samples/s and step memory."""
     unit = "cuda_mib" if device.startswith("cuda") else "rss_mib"

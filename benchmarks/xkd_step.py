@@ -26,7 +26,7 @@ import json
 import sys
 import time
 
-from step_rows import measure_rows, print_figures  # benchmarks/step_rows.py
+from step_rows import measure_rows, print_figures, regime_step  # benchmarks/step_rows.py
 
 ROWS = ("xkd", "xkd-mas", "xkd-mats", "mae")
 GEOMETRY = {"avdigits": ((8, 32, 32), 100, 40), "kinetics": ((32, 112, 112, 3), 448, 80)}
@@ -63,15 +63,7 @@ def measure(args) -> dict:
     pool = {k: v.to(device) for k, v in pool.items()}
 
     def step(i: int) -> None:  # one optimizer step: train.accumulate micro-batches of --batch clips
-        for j in range(accumulate):
-            start = (i * accumulate + j) * args.batch
-            pick = torch.arange(start, start + args.batch, device=device) % args.pool
-            with autocast():
-                loss = method.training_loss({k: v[pick] for k, v in pool.items()})
-            if j == 0:
-                regime.optimizer.zero_grad(set_to_none=True)
-            regime.backward(loss / accumulate)
-        regime.step(False)
+        regime_step(method, regime, pool, i, args.batch, autocast)
 
     for i in range(args.warmup):
         step(i)
