@@ -56,10 +56,15 @@ def keep_cpu_heap() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
+def resolved_precision(precision: Optional[str], device: torch.device) -> str:
+    """``train.precision``; unset: bf16 on CUDA, fp32 elsewhere."""
+    return precision or ("bf16" if device.type == "cuda" else "fp32")
+
+
 def autocast_factory(device: torch.device, precision: Optional[str]) -> Callable[[], contextlib.AbstractContextManager]:
     """The autocast of ``train.precision`` (bf16 | fp16 | fp32; None: bf16 on CUDA, fp32 elsewhere): a context
     factory (fp32: a no-op). fp16's GradScaler is the optimizer step's (avcl.engine.regime)."""
-    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolved_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

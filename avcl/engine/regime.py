@@ -48,6 +48,7 @@ from typing import Iterable, Optional
 import torch
 
 from avcl import parallel
+from avcl.core.device import resolved_precision
 from avcl.core.errors import AvclError
 
 EMBEDDINGS = ("*patch_embed*", "*pos_embed*", "*cls_token*", "*cls_pos*", "*mask_token*", "*modality_embed*")
@@ -55,8 +56,8 @@ BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
 def precision_of(train_cfg, device: torch.device) -> str:
-    """``train.precision``, unset: bf16 on CUDA, fp32 elsewhere."""
-    return train_cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    """``train.precision``, unset: bf16 on CUDA, fp32 elsewhere (avcl.core.device, as the autocast reads it)."""
+    return resolved_precision(train_cfg.precision, device)
 
 
 def no_decay(name: str, p: torch.Tensor, patterns: Iterable[str]) -> bool:
