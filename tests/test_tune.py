@@ -234,3 +234,14 @@ def test_objectives_of_each_protocol():
     assert objective_value({"forgetting": None}, "forgetting") is None  # undefined after one task: not reported
     accuracy = load_config("synthetic", ["tune.objective=last_accuracy"])
     assert objective_name(accuracy) == "last_accuracy" and "taw_last_accuracy" in known_objectives(accuracy)
+
+
+def test_a_diverging_trial_fails_instead_of_scoring_its_partial_run(tmp_path, one_thread, capsys):
+    """lr=1e8 makes the loss NaN at once: the trial is FAIL (train.on_nan), not a row scored on what it did."""
+    out = tmp_path / "tune"
+    search = {"finetune": {"lr": {"choices": [1.0e8, 0.003]}}}
+    rc = main(["tune", recipe(tmp_path, search), "method=finetune", "trials=3", *FAST, "--out", str(out)])
+    err = capsys.readouterr().err
+    states = {float(t["lr"]): t["state"] for t in rows(out)}
+    assert states == {1e8: "FAIL", 0.003: "COMPLETE"}, err
+    assert "diverged: loss nan in task 1, epoch 1" in err and rc == 0

@@ -150,6 +150,24 @@ def test_every_extract_output_trains_with_its_recipe(stores, output, recipe, ext
     assert json.loads((out / "finetune" / "metrics.json").read_text())["complete"]
 
 
+RECIPE_FOR = {"clip": "recipe `features`", "tokens": "recipe `features`", "snippets": "`had/features`",
+              "avcil": "`files/avdigits`", "raw": "`pretrain/features`"}
+WRONG = [(output, recipe) for output in RECIPE_FOR
+         for recipe in ("files/avdigits", "had/features", "pretrain/features", "features")
+         if recipe not in {r for o, r, _ in FEATURE_RECIPES if o == output} | ({"features"} if output == "raw" else set())]
+# (`features` reads a raw store too: its linear encoders on the frames and filterbank, a valid if weak model)
+
+
+@pytest.mark.parametrize("output, recipe", WRONG, ids=[f"{o}-{r}" for o, r in WRONG])
+def test_a_recipe_whose_model_cannot_read_a_store_names_the_recipe_for_its_kind(stores, output, recipe, tmp_path,
+                                                                                capsys):
+    """Issue 22: each model's shape check (the AV-CIL grid, HAD's snippets, raw frames) names the store's recipe."""
+    code, _, err = run_main(capsys, "run", recipe, f"data.store={stores[output]}", "scenario.num_tasks=2",
+                            "methods=[finetune]", "memory.size=4", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, f"--output {output}` store", RECIPE_FOR[output])
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("output", ["clip", "tokens", "snippets"])
 def test_wrong_recipe_for_a_store_names_the_recipe_to_use(stores, output, tmp_path, capsys):
     # what the docs used to say: any recipe + data.name=features
@@ -351,3 +369,85 @@ def test_stratified_split_leaves_no_class_empty_on_either_side():
     assert [int(picked[labels == c].sum()) for c in range(4)] == [1, 1, 0, 1]  # round(0.4) = 0 -> 1; one row: kept
     picked = stratified_pick(labels, np.ones(len(labels), bool), 0.95, np.random.default_rng(0))
     assert [int((~picked)[labels == c].sum()) for c in range(4)] == [1, 1, 1, 1]  # never all of a class
+
+
+# ---------------------------------------------------------------- issue 22: a diverging run does not pass silently
+
+def test_a_diverging_method_stops_at_its_first_non_finite_epoch_and_the_run_says_so(tmp_path, capsys):
+    """train.lr=1e8: the loss is NaN at once; the method stops there, its row is marked, the run exits 1."""
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "run", "synthetic", *TINY, "methods=[finetune,lwf]", "train.lr=1e8",
+                                 "train.epochs=2", "--out", out, "--quiet")
+    assert code == 1, err
+    for name in ("finetune", "lwf"):  # the second method ran too: one diverging row does not end the run
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert metrics["stopped"] == "diverged" and not metrics["complete"] and metrics["tasks_done"] == 0
+        assert metrics["diverged"]["task"] == 0 and metrics["diverged"]["epoch"] == 0
+        rows = (out / name / "epochs.csv").read_text().splitlines()
+        assert len(rows) == 2 and rows[1].split(",")[2] == "nan"  # trained no further than the first epoch
+    assert json.loads((out / "lwf" / "metrics.json").read_text())["diverged"]["terms"] == ["ce"]
+    table = [line for line in stdout.splitlines() if line.startswith("| finetune") or line.startswith("| lwf")]
+    assert len(table) == 2 and all("(!)" in line and "(diverged)" in line for line in table)
+    assert "(!) lwf: loss nan in task 1, epoch 1" in stdout and "non-finite term(s): ce" in stdout
+    assert "training diverged" in err and "Traceback" not in err
+    # --resume does not train a stopped method again
+    code, _, err = run_main(capsys, "run", "--resume", out, "--quiet")
+    assert code == 1 and len((out / "lwf" / "epochs.csv").read_text().splitlines()) == 2
+
+
+def test_on_nan_flag_trains_on_and_flags_the_row(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "run", "synthetic", *TINY, "methods=[lwf]", "train.lr=1e8",
+                                 "train.epochs=1", "train.on_nan=flag", "--out", out, "--quiet")
+    assert code == 1, err
+    metrics = json.loads((out / "lwf" / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["tasks_done"] == 3 and metrics["diverged"]["on_nan"] == "flag"
+    assert "| lwf (!)" in stdout and "training went on, the row is flagged" in stdout
+    assert err.count("avcl: lwf: loss nan") == 1  # said once, not every epoch
+
+
+def test_a_finite_run_has_no_divergence_mark(tmp_path, capsys):
+    code, stdout, _ = run_main(capsys, "run", "synthetic", *TINY, "methods=[finetune]", "train.epochs=1",
+                               "--out", tmp_path / "run", "--quiet")
+    assert code == 0 and "(!)" not in stdout
+    assert "diverged" not in json.loads((tmp_path / "run" / "finetune" / "metrics.json").read_text())
+
+
+def test_a_store_with_non_finite_values_is_refused_naming_the_field(stores, tmp_path, capsys):
+    import shutil
+    import h5py
+    bad = tmp_path / "nan.h5"
+    shutil.copy(stores["clip"], bad)
+    with h5py.File(bad, "r+") as h5:
+        h5["features/audio"][3, 0] = float("nan")
+    code, _, err = run_main(capsys, "run", "features", f"data.store={bad}", "scenario.num_tasks=2",
+                            "methods=[finetune]", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, str(bad), "field 'audio'", "NaN or inf", "1 ")
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- issue 22: threads from the cores actually free
+
+@pytest.mark.parametrize("cores, load, processes, want", [(4, 0.2, 1, 4), (4, 2.6, 1, 1), (2, 2.0, 1, 1),
+                                                          (8, 0.0, 2, 4), (8, 3.0, 2, 2), (2, 9.0, 4, 1)])
+def test_default_threads_are_the_free_cores_shared_by_the_processes(monkeypatch, cores, load, processes, want):
+    import os
+    from avcl.core import device
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    threads, why = device.default_threads(processes)
+    assert threads == want and f"{cores} core(s)" in why and "train.num_threads" in why
+
+
+def test_the_run_says_how_many_threads_it_chose(tmp_path, capsys):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run_main(capsys, "run", "synthetic", *TINY, "methods=[finetune]", "train.epochs=1",
+                                "--out", tmp_path / "run", "--quiet")
+        assert code == 0 and "torch thread(s) per process (" in err
+        code, _, err = run_main(capsys, "run", "synthetic", *TINY, "methods=[finetune]", "train.epochs=1",
+                                "train.num_threads=1", "--out", tmp_path / "run2", "--quiet")
+        assert code == 0 and "torch thread(s) per process" not in err and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -593,3 +593,32 @@ def test_recipes_build_every_row(recipe):
         model = build_model(model_cfg, example)
         if model_cfg.name == "xkd":
             assert model.xkd.share == {"xkd-mas": "students", "xkd-mats": "all"}.get(name, "none")
+
+
+@pytest.mark.parametrize("recipe", ["xkd/kinetics", "xkd/avdigits"])
+def test_the_recipes_optimizer_step_is_the_official_codes(recipe, data):
+    """Issue 21 item 10: AdamW (0.9, 0.95), wd 0.3 off 1-D tensors, warm-up then cosine to 0, per-parameter
+    clipping of the students only, fp16 + scaler, the partial batch dropped (main_xkd.py, optimizers/__init__.py)."""
+    from avcl.config import load_config
+    from avcl.engine.regime import Regime, drops_last, lr_factor, precision_of
+    train = OmegaConf.to_container(load_config(recipe).train)
+    cfg = tiny_cfg(train=train)
+    method = build_method("xkd", cfg, data.train)
+    regime = Regime.build(method, cfg.train, torch.device("cpu"))
+    opt = regime.optimizer
+    assert type(opt) is torch.optim.AdamW and opt.defaults["betas"] == (0.9, 0.95)
+    trainable = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert {n: decay_of[id(p)] for n, p in trainable} == {n: (0.0 if p.ndim <= 1 else 0.3) for n, p in trainable}
+    clipped = {id(p) for p in regime.params}
+    assert {n for n, p in trainable if id(p) in clipped} == {n for n, _ in trainable if n.startswith("student.")}
+    assert any(n.startswith("decoder.") for n, _ in trainable)  # the decoders exist and are not clipped
+    cfg = cfg.train
+    assert cfg.clip_grad_per_param == 0.3 and drops_last(cfg, method)
+    if recipe == "xkd/kinetics":  # the CPU recipe keeps fp32 (said in it)
+        assert precision_of(cfg, torch.device("cuda")) == "fp16"
+    epochs, warmup = cfg.epochs, cfg.warmup_epochs
+    assert lr_factor(warmup / 2, cfg, epochs, warmup, cfg.lr) == pytest.approx(0.5)
+    assert lr_factor(warmup, cfg, epochs, warmup, cfg.lr) == pytest.approx(1.0)
+    assert lr_factor((warmup + epochs) / 2, cfg, epochs, warmup, cfg.lr) == pytest.approx(0.5)
+    assert lr_factor(epochs, cfg, epochs, warmup, cfg.lr) == pytest.approx(0.0, abs=1e-12)

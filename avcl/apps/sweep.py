@@ -16,7 +16,6 @@ A unit that fails is reported in one line and the others go on; a killed sweep r
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -27,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from avcl import parallel
 from avcl.config import build_config, save_config
-from avcl.core.device import pick_device
+from avcl.core.device import default_threads, pick_device
 from avcl.core.errors import AvclError
 from avcl.engine import runner  # runner.execute, looked up at each call (tests stand in for it)
 from avcl.engine.events import EventLog
@@ -76,7 +75,9 @@ def run_all(cfg: DictConfig, run_dir: Path, data_root: str | None, jobs: int, sh
 def _parallel(runs, data_root, jobs: int, show_progress: bool) -> int:
 
 
-    threads = runs[0][0].train.num_threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads, why = runs[0][0].train.num_threads, "train.num_threads"
+    if not threads:
+        threads, why = default_threads(jobs)
     units = [(one, directory, name) for one, directory in runs for name in one.methods]
     for one, directory in runs:  # each seed's init stage once, before its workers load it
         write_seed_config(one, directory)
@@ -84,7 +85,8 @@ def _parallel(runs, data_root, jobs: int, show_progress: bool) -> int:
             stage(f"init stage of {directory}")
             run_init_stage(one, make_scenario(one, data_root), directory, EventLog(directory / "events.jsonl"),
                            pick_device(one.train.device), show_progress)
-    stage(f"running {len(units)} unit(s) (methods x seeds) in {jobs} worker processes, {threads} thread(s) each")
+    stage(f"running {len(units)} unit(s) (methods x seeds) in {jobs} worker processes, {threads} thread(s) each "
+          f"({why})")
     failed, started = 0, time.perf_counter()
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools or open files
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
@@ -109,7 +111,7 @@ def _unit(raw: dict, directory: str, name: str, data_root: str | None, threads: 
 
 
     torch.set_num_threads(threads)
-    cfg = build_config({**raw, "methods": [name]})
+    cfg = build_config({**raw, "methods": [name], "train": {**raw["train"], "num_threads": threads}})
     started = time.perf_counter()
     runner.execute(cfg, Path(directory), data_root, show_progress=False)
     return time.perf_counter() - started

@@ -2,6 +2,7 @@
 ``--resume RUN_DIR`` continues a killed run, ``--dry-run`` checks everything and writes nothing."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,25 @@ def _run(args) -> int:
     if failed:
         print(f"avcl: {failed} unit(s) failed (above); `avcl run --resume {run_dir}` runs them again",
               file=sys.stderr)
-    return 1 if failed else 0
+    diverged = diverged_rows(run_dir)
+    if diverged:
+        print(f"avcl: training diverged (a non-finite loss) for {', '.join(diverged)}: their rows are marked (!) "
+              "and are not results", file=sys.stderr)
+    return 1 if failed or diverged else 0
+
+
+def diverged_rows(run_dir: Path) -> list[str]:
+    """``method`` (or ``method, seed S``) of every row whose metrics.json records a divergence."""
+    rows = []
+    for path in sorted(run_dir.glob("**/metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if metrics.get("diverged"):
+            seed = path.parent.parent.name
+            rows.append(path.parent.name + (f", {seed.replace('-', ' ')}" if seed.startswith("seed-") else ""))
+    return rows
 
 
 def register(sub) -> None:

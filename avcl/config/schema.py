@@ -52,7 +52,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # autocast dtype: bf16 | fp16 (with a GradScaler) | fp32 (none); None = bf16 on CUDA, fp32 elsewhere
     precision: Optional[str] = option(None, choices=("bf16", "fp16", "fp32"))
-    num_threads: Optional[int] = option(None, range=">=1")  # torch CPU threads; None = torch's default
+    # torch CPU threads per process; None: the cores not busy with other work, shared by the run's processes
+    # (avcl.core.device.default_threads; the start-up line says what was chosen)
+    num_threads: Optional[int] = option(None, range=">=1")
+    # an epoch whose loss is not finite (NaN / inf): stop the method there (its row shows where it diverged)
+    # | flag (train on; the row is marked). Either way the run exits 1 and the table says which term diverged
+    on_nan: str = option("stop", choices=("stop", "flag"))
     # CPU runs on Linux/glibc: malloc keeps freed memory for reuse instead of mapping every large
     # activation fresh from the OS (avcl.core.device.keep_cpu_heap); false = leave malloc alone
     cpu_keep_heap: bool = True

@@ -69,3 +69,21 @@ def autocast_factory(device: torch.device, precision: Optional[str]) -> Callable
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def default_threads(processes: int = 1) -> tuple[int, str]:
+    """torch CPU threads per process when ``train.num_threads`` is unset, and why: the cores this process may
+    run on, less those other jobs keep busy (the 1-minute load average), shared by ``processes`` processes
+    (``--jobs`` workers, torchrun's local ranks). torch's own default takes every core even when another job
+    holds them, and its OpenMP threads then spin against it (a 36x slower init stage was measured so)."""
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except (OSError, AttributeError):  # no load average on this platform
+        busy = 0
+    free = max(1, cores - busy)
+    threads = max(1, free // max(1, processes))
+    why = (f"{cores} core(s), {min(busy, cores)} busy with other work (load average)"
+           + (f", shared by {processes} processes" if processes > 1 else "") + "; train.num_threads sets it")
+    return threads, why

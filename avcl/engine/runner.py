@@ -31,7 +31,10 @@ next step of the same permutation.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +44,7 @@ from omegaconf import DictConfig
 
 from avcl import parallel
 from avcl.config import method_hparams_for
-from avcl.core.device import autocast_factory, keep_cpu_heap, pick_device
+from avcl.core.device import autocast_factory, default_threads, keep_cpu_heap, pick_device
 from avcl.core.io import atomic_torch_save, atomic_write_json
 from avcl.core.rng import rng_state, seed_everything, set_rng_state
 from avcl.core.samples import concat
@@ -58,6 +61,7 @@ from avcl.eval.protocols import make_protocol, method_metrics
 from avcl.memory import sharding
 from avcl.models import build_model
 from avcl.report.plots import plot_run
+from avcl.report.tables import divergence_text
 
 
 def build_method(name: str, cfg: DictConfig, example) -> object:
@@ -81,7 +85,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
     metrics_path, ckpt_path, step_path = out / "metrics.json", out / "checkpoint.pt", out / "step_checkpoint.pt"
     if metrics_path.is_file():
         done = json.loads(metrics_path.read_text())
-        if done.get("complete"):
+        if done.get("complete") or done.get("stopped"):
             return done
     resuming = ckpt_path.is_file()
     parallel.barrier("starting a method")  # every rank has read the files before rank 0 writes them again
@@ -132,9 +136,19 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
         def on_epoch(epoch: int, loss: float) -> None:
             nonlocal last_epoch
             now = time.perf_counter()
-            logs.epoch(t, epoch, loss, method.pop_terms(), now - last_epoch, now - started, trainer.epoch_stats)
+            terms = method.pop_terms()
+            logs.epoch(t, epoch, loss, terms, now - last_epoch, now - started, trainer.epoch_stats)
             if cfg.train.model_selection != "best_val":  # no val accuracy joins the row: on disk now (a kill keeps it)
                 logs.flush()
+            if not math.isfinite(loss):
+                bad = {"task": t, "epoch": epoch, "step": trainer.nonfinite_step, "loss": str(loss),
+                       "terms": sorted(k for k, v in terms.items() if not math.isfinite(v)), "on_nan": cfg.train.on_nan}
+                log("diverged", method=name, **bad)
+                if "diverged" not in record:  # flag: said once, at the first
+                    print(f"avcl: {name}: {divergence_text(bad)}", file=sys.stderr, flush=True)
+                record.setdefault("diverged", bad)  # the first one (flag: training goes on)
+                if cfg.train.on_nan == "stop":
+                    raise Diverged(bad)
             last_epoch = now
             progress.advance(1)
             progress.at(name, t, len(tasks), epoch + 1, epochs, loss=f"{loss:.3f}")
@@ -154,7 +168,7 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
                 log("step_checkpoint", method=name, task=t, epoch=state["epoch"], step=state["step"],
                     mib=round(step_path.stat().st_size / 2**20, 2))
 
-        with PeakMemory(device) as peak:
+        with PeakMemory(device) as peak, stopped_by_divergence() as stopped:
             regime = trainer.fit_task(method, task, on_epoch, val=seen_val, on_val=on_val,
                                       regime=regime if stream_optimizer else None,
                                       checkpoint=save_step if (cfg.train.checkpoint_every or
@@ -162,6 +176,16 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
                                       resume=mid if t == start_task else None, loader_cfg=cfg.data,
                                       position=(t, len(tasks)))
         seconds = time.perf_counter() - started
+        if stopped.info is not None:  # train.on_nan=stop: the tasks before it are the row, marked as stopped
+            metrics = (method_metrics(name, record, protocol, scenario, len(tasks), False) if record["task_seconds"]
+                       else {"method": name, "complete": False, "tasks_done": 0, "num_tasks": len(tasks),
+                             "protocol": protocol.name, "train_seconds": 0.0, "task_seconds": [],
+                             "peak_memory_mib": 0.0})
+            metrics.update(stopped="diverged", diverged=record["diverged"])
+            if main:
+                atomic_write_json(metrics_path, metrics)
+                step_path.unlink(missing_ok=True)
+            break
         method.model.eval()
         parallel.check_replicas(method.replicated_state(), f"{name} task {t}")  # same model and memory on every rank
         summary = protocol.after_task(method, seen, record)
@@ -193,6 +217,25 @@ def run_method(name: str, cfg: DictConfig, scenario, run_dir: Path, log: EventLo
     log("method_end", method=name)
     parallel.barrier("ending a method")  # rank 0 has written metrics.json before any rank reads it
     return json.loads(metrics_path.read_text())
+
+
+class Diverged(Exception):
+    """A method's epoch loss was not finite under ``train.on_nan=stop`` (``info``: where, which terms)."""
+
+    def __init__(self, info: dict):
+        super().__init__(divergence_text(info))
+        self.info = info
+
+
+class stopped_by_divergence(contextlib.AbstractContextManager):
+    """Catches ``Diverged`` from a task's training: ``info`` is then its dict, else None."""
+    info = None
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        if isinstance(value, Diverged):
+            self.info = value.info
+            return True
+        return False
 
 
 def wants_model_file(cfg: DictConfig, model) -> bool:
@@ -241,6 +284,10 @@ def execute(cfg: DictConfig, run_dir: Path, data_root: str | None = None, show_p
     log = EventLog(run_dir / "events.jsonl", on_event)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    else:  # torchrun: the node's cores shared by its local ranks
+        threads, why = default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist else 1)
+        torch.set_num_threads(threads)
+        stage(f"{threads} torch thread(s) per process ({why})")
     device = dist.device if dist else pick_device(cfg.train.device)
     heap_kept = device.type == "cpu" and cfg.train.cpu_keep_heap and keep_cpu_heap()
     tc = cfg.train

@@ -11,6 +11,7 @@ which writes it: a killed run resumes inside the task.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -80,6 +81,7 @@ class Trainer:
     autocast: Callable
     eval_batch_size: int = 256
     epoch_stats: dict = field(default_factory=dict)  # after each epoch: the lr of its last step, skipped steps
+    nonfinite_step: Optional[int] = None  # after an epoch whose loss is not finite: its first such step (1-based)
 
     def fit_task(self, method: Method, task, on_epoch: Callable[[int, float], None] = lambda e, l: None,
                  val: Optional[Samples] = None, on_val: Callable[[int, float], None] = lambda e, a: None,
@@ -137,6 +139,7 @@ class Trainer:
                                loader_cfg.prefetch if loader_cfg else 2) if is_streamed(data) else None)
         start_epoch, start_step, order = 0, 0, None
         total, steps = torch.zeros((), device=self.device), 0
+        first_bad = torch.full((), -1, device=self.device)  # the epoch's first non-finite step, on the device
         if resume is not None:
             method.model.load_state_dict(resume["model"])
             method.load_state_dict(resume["method"])
@@ -154,6 +157,7 @@ class Trainer:
                 order = torch.randperm(n)  # as batches(shuffle=True) draws it
             if epoch > start_epoch or resume is None:
                 total, steps = torch.zeros((), device=self.device), 0
+            first_bad.fill_(-1)
             first = start_step if epoch == start_epoch else 0
             # several processes: this rank's slice of each global micro-batch (avcl.parallel)
             cut = [parallel.shard_rows(order[s:e], e - s)[0] if sharded else (order[s:e], None)
@@ -182,6 +186,7 @@ class Trainer:
                     regime.step(sharded)  # (average,) unscale, clip, step, lr
                 total += step_loss
                 steps += 1
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), index, first_bad)  # no sync
                 if clock is not None and clock.due(sharded):
                     checkpoint(step_state(method, regime, epoch, index + 1, order, total, steps,
                                           best_accuracy, best_state))
@@ -191,7 +196,14 @@ class Trainer:
                 total = parallel.average(total)
             self.epoch_stats = {"lr": regime.last_lr, **({"skipped_steps": regime.pop_skipped()}
                                                                if regime.scaler is not None else {})}
-            on_epoch(epoch, float(total) / max(steps, 1))  # one host sync per epoch, not per step
+            mean = float(total) / max(steps, 1)  # one host sync per epoch, not per step
+            self.nonfinite_step = None if math.isfinite(mean) else (int(first_bad) + 1 if first_bad >= 0 else None)
+            try:
+                on_epoch(epoch, mean)
+            except BaseException:  # train.on_nan=stop (avcl.engine.runner) ends the task here
+                if loader is not None:
+                    loader.close()
+                raise
             parallel.test_stop(f"{method.name}:{len(method.task_ranges) - 1}:{epoch}")
             if select_best:
                 accuracy = self.fc_accuracy(method, val)

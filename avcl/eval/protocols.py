@@ -60,7 +60,8 @@ def method_metrics(name: str, record: dict, protocol: "Protocol", scenario, trai
             "num_tasks": trained_tasks, "protocol": protocol.name,
             **protocol.metrics(record),
             "train_seconds": record["train_seconds"], "task_seconds": record["task_seconds"],
-            "peak_memory_mib": record["peak_memory_mib"], "class_order": scenario.class_order}
+            "peak_memory_mib": record["peak_memory_mib"], "class_order": scenario.class_order,
+            **({"diverged": record["diverged"]} if "diverged" in record else {})}
 
 
 class Protocol(ABC):

@@ -118,7 +118,8 @@ def plot_retrieval_curves(results: dict[str, dict], path: Path) -> None:
 
 def plot_run(run_dir: Path, results: dict[str, dict], protocol: str = "accuracy") -> None:
     labels = task_labels(run_dir)
-    if protocol == "probe":  # one number per probe after the last task: the table says it all
+    results = {name: m for name, m in results.items() if m.get("tasks_done", 1)}  # stopped in its first task: nothing
+    if protocol == "probe" or not results:  # one number per probe after the last task: the table says it all
         return
     if protocol == "retrieval":
         plot_retrieval_curves(results, run_dir / "retrieval.png")

@@ -67,14 +67,35 @@ def format_table(results: dict[str, dict], protocol: str = "accuracy") -> str:
     header = ["method"] + [title + (" %" if fmt == "%" else "") for _, title, fmt in columns] + ["train time", "tasks"]
     rows = []
     for name, m in results.items():
-        done = f"{m['tasks_done']}/{m['num_tasks']}" + ("" if m.get("complete") else " (partial)")
-        rows.append([name] + [_cell(m.get(key), fmt) for key, _, fmt in columns]
+        done = f"{m['tasks_done']}/{m['num_tasks']}" + (
+            "" if m.get("complete") else " (diverged)" if m.get("stopped") == "diverged" else " (partial)")
+        label = name + (DIVERGED_MARK if m.get("diverged") else "")
+        rows.append([label] + [_cell(m.get(key), fmt) for key, _, fmt in columns]
                     + [f"{m['train_seconds']:.1f} s", done])
         for head, h in m.get("heads", {}).items():  # the same model through another classifier
-            rows.append([f"{name} [{head}]"] + [_cell(h.get(key), fmt) for key, _, fmt in columns] + ["same run", done])
+            rows.append([f"{label} [{head}]"] + [_cell(h.get(key), fmt) for key, _, fmt in columns] + ["same run", done])
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+                     + divergence_notes(results))
+
+
+def divergence_text(info: dict) -> str:
+    """One line: where the loss stopped being finite, and what ``train.on_nan`` did about it."""
+    step = f", step {info['step']}" if info.get("step") else ""
+    terms = f"; non-finite term(s): {', '.join(info['terms'])}" if info.get("terms") else ""
+    then = ("stopped there (train.on_nan=stop)" if info.get("on_nan") == "stop" else
+            "training went on, the row is flagged (train.on_nan=flag)")
+    return (f"loss {info['loss']} in task {info['task'] + 1}, epoch {info['epoch'] + 1}{step}{terms}: {then}; "
+            "lower train.lr, or look for non-finite values in the data")
+
+
+DIVERGED_MARK = " (!)"  # a row whose loss stopped being finite: its numbers are not a result
+
+
+def divergence_notes(results: dict[str, dict], where: str = "") -> list[str]:
+    """One line under the table per method whose training diverged (``train.on_nan``)."""
+    return [f"(!) {name}{where}: {divergence_text(m['diverged'])}" for name, m in results.items() if m.get("diverged")]
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -97,8 +118,12 @@ def seeds_table(run_dir: Path, seeds: list[int], protocol: str) -> str:
         except AvclError:
             runs[seed] = {}  # not started yet
     rows_of: dict[str, list[dict]] = {}
-    for results in runs.values():
+    notes = []
+    for seed, results in runs.items():
+        notes += divergence_notes(results, f", seed {seed}")
         for name, m in results.items():
+            if m.get("diverged"):  # one diverged seed marks the method's row
+                name += DIVERGED_MARK
             rows_of.setdefault(name, []).append(m)
             for head, h in m.get("heads", {}).items():
                 rows_of.setdefault(f"{name} [{head}]", []).append(h)
@@ -113,7 +138,8 @@ def seeds_table(run_dir: Path, seeds: list[int], protocol: str) -> str:
         rows.append([name] + cells + [f"{complete}/{len(seeds)}"])
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+                     + notes)
 
 
 def report(run_dir: Path) -> str:

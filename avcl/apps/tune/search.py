@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -20,7 +19,7 @@ from avcl.apps.tune.study import best_trial, counted, folder_lock, open_study, o
 from avcl.apps.tune.trials import (describe_objective, known_objectives, objective_name, run_trial, shares_init,
                                    trial_base, trial_config, validation_scenario)
 from avcl.config import build_config, save_config
-from avcl.core.device import pick_device
+from avcl.core.device import default_threads, pick_device
 from avcl.core.errors import AvclError
 from avcl.core.io import atomic_write_json
 from avcl.engine.checks import check_run
@@ -125,8 +124,11 @@ def search(cfg: DictConfig, folder: Path, space: list[Param], scenario, data_roo
     done = counted(study)
     stage(f"search: {cfg.tune.trials - done} trial(s) to run ({done} already), {jobs} at a time -> {folder}")
     if jobs <= 1:
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
+        threads, why = (cfg.train.num_threads, "train.num_threads") if cfg.train.num_threads else default_threads()
+        torch.set_num_threads(threads)
+        stage(f"{threads} torch thread(s) ({why})")
+        cfg = build_config({**OmegaConf.to_container(cfg), "train": {**OmegaConf.to_container(cfg.train),
+                                                                     "num_threads": threads}})  # each trial's
         search_loop(folder, cfg, space, scenario, data_root)
     else:
         _parallel(cfg, folder, data_root, jobs)
@@ -137,7 +139,8 @@ def search(cfg: DictConfig, folder: Path, space: list[Param], scenario, data_roo
 
 def _parallel(cfg: DictConfig, folder: Path, data_root: str | None, jobs: int) -> None:
 
-    threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads, why = (cfg.train.num_threads, "train.num_threads") if cfg.train.num_threads else default_threads(jobs)
+    stage(f"{jobs} worker processes, {threads} torch thread(s) each ({why})")
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools or SQLite connections
     raw = OmegaConf.to_container(cfg)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
@@ -151,6 +154,6 @@ def _worker(raw: dict, folder: str, data_root: str | None, threads: int, worker:
 
 
     torch.set_num_threads(threads)
-    cfg = build_config(raw)
+    cfg = build_config({**raw, "train": {**raw["train"], "num_threads": threads}})
     scenario = validation_scenario(make_scenario(cfg, data_root), cfg)
     search_loop(Path(folder), cfg, search_space(cfg), scenario, data_root, worker)

@@ -17,6 +17,7 @@ from avcl.engine import runner  # runner.execute, looked up at each call (tests 
 from avcl.eval.metrics import summarize
 from avcl.eval.retrieval import summarize_retrieval
 from avcl.models import check_model_options
+from avcl.report.tables import divergence_text
 
 
 AUTO_OBJECTIVE = {"accuracy": "average_incremental_accuracy", "retrieval": "retrieval_average",
@@ -135,6 +136,8 @@ def run_trial(trial, cfg: DictConfig, space: list[Param], folder: Path, scenario
             raise optuna.TrialPruned(f"pruned after task {fields['task'] + 1}: {name} {value:.4f}")
 
     results = runner.execute(trial_cfg, run_dir, data_root, show_progress=False, scenario=scenario, on_event=after_task)
+    if results[method].get("diverged"):  # a non-finite loss (train.on_nan): the trial failed, whatever it scored
+        raise AvclError(f"diverged: {divergence_text(results[method]['diverged'])}")
     return objective_value(results[method], name)
 
 
