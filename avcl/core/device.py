@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import sys
 from typing import Callable, Optional
 
@@ -76,7 +77,6 @@ def default_threads(processes: int = 1) -> tuple[int, str]:
     run on, less those other jobs keep busy (the 1-minute load average), shared by ``processes`` processes
     (``--jobs`` workers, torchrun's local ranks). torch's own default takes every core even when another job
     holds them, and its OpenMP threads then spin against it (a 36x slower init stage was measured so)."""
-    import os
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         busy = int(os.getloadavg()[0] + 0.5)
