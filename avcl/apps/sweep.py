@@ -79,6 +79,8 @@ def _parallel(runs, data_root, jobs: int, show_progress: bool) -> int:
     if not threads:
         threads, why = default_threads(jobs)
     units = [(one, directory, name) for one, directory in runs for name in one.methods]
+    # the init stages run here, alone: this process's share is every free core
+    torch.set_num_threads(runs[0][0].train.num_threads or default_threads(1)[0])
     for one, directory in runs:  # each seed's init stage once, before its workers load it
         write_seed_config(one, directory)
         if wants_init(one) or one.init.row:
